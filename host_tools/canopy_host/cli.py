@@ -1,0 +1,56 @@
+"""`canopy`: one CLI for flashing, monitoring, repairing and simulating canopy nodes.
+
+Each verb lives in its own module as `add_parser(subparsers)`, which registers the verb
+and sets `func` to a thin function over the shared transport and store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import CanopyError
+from .paths import ToolNotFound
+
+# Verb modules, in the order `canopy --help` lists them.
+COMMAND_MODULES = [
+    "canopy_host.demo_cmd",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="canopy",
+        description=(
+            "Flash, monitor, repair and simulate Canopy nodes (ESP32 + BME280, MicroPython). "
+            "Every verb works against virtual nodes too, so you can try it with no hardware."
+        ),
+        epilog="Run `canopy VERB --help` for the options and examples of each verb.",
+    )
+    parser.add_argument("--version", action="version", version=f"canopy {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (CanopyError, ToolNotFound) as exc:
+        print(f"canopy {args.verb}: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"canopy {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
