@@ -1,0 +1,378 @@
+"""The monitor's SQLite store: every received frame and every link event, in one file.
+
+One `Store` per database file. All writes go through ONE writer thread that drains a
+queue and inserts in batches (one transaction per batch), because SQLite allows one
+writer at a time and a commit per frame would cap ingest at a few hundred frames per
+second. Readers (export, plot, tests) open their own connections: WAL mode lets them
+read while the monitor writes.
+
+Durability: `PRAGMA journal_mode=WAL` + `synchronous=NORMAL` survives a crash of the
+monitor process without losing committed batches (a power loss may lose the last
+batches, which is the documented WAL/NORMAL trade-off). `flush()` blocks until every
+row queued before it is committed; `close()` flushes, so a Ctrl-C that reaches the
+monitor's shutdown path loses nothing that was received.
+
+The schema is documented in docs/monitor.md; keep the two in step (SCHEMA_VERSION).
+
+    store = Store("canopy.db")
+    store.add_frame(rx_time, "/dev/ttyUSB0", frame)
+    store.add_event(rx_time, "/dev/ttyUSB0", "n01", "gap", boot=7, seq_from=12, seq_to=14)
+    store.close()
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import CanopyError
+
+SCHEMA_VERSION = 1
+
+# Reading quantities that get their own INTEGER column (indexed queries and a cheap
+# export/plot); everything a frame carries is ALSO kept verbatim in `fields` (JSON).
+READING_COLUMNS = ("t", "p", "h", "t_raw", "p_raw", "h_raw", "shade", "mist", "fan", "faults", "failsafe", "tick")
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS frames (
+    id      INTEGER PRIMARY KEY,
+    rx_time REAL    NOT NULL,   -- host receive time, Unix seconds (UTC)
+    port    TEXT    NOT NULL,   -- port path/URL the frame arrived on
+    node    TEXT    NOT NULL,
+    boot    INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    kind    TEXT    NOT NULL,   -- hello | reading | event | reply | error
+    {", ".join(f"{c} INTEGER" for c in READING_COLUMNS)},
+    fields  TEXT    NOT NULL    -- all payload fields as a JSON object
+);
+CREATE INDEX IF NOT EXISTS frames_node_time ON frames (node, rx_time);
+CREATE INDEX IF NOT EXISTS frames_kind_time ON frames (kind, rx_time);
+CREATE TABLE IF NOT EXISTS link_events (
+    id       INTEGER PRIMARY KEY,
+    rx_time  REAL    NOT NULL,
+    port     TEXT    NOT NULL,
+    node     TEXT,              -- NULL while the port's node is still unknown
+    kind     TEXT    NOT NULL,  -- see EVENT_KINDS
+    boot     INTEGER,
+    seq_from INTEGER,           -- gap: first missing seq; duplicate: the repeated seq
+    seq_to   INTEGER,           -- gap: last missing seq (inclusive)
+    count    INTEGER,           -- crc_error/malformed/oversize: frames; garbage: bytes
+    detail   TEXT               -- human-readable text (free-text line, error message...)
+);
+CREATE INDEX IF NOT EXISTS link_events_node_time ON link_events (node, rx_time);
+CREATE TABLE IF NOT EXISTS nodes (
+    node       TEXT PRIMARY KEY,
+    zone       TEXT,
+    usb_serial TEXT,
+    board      TEXT,
+    fw_version TEXT,
+    port       TEXT,            -- last port the node was seen on
+    first_seen REAL,
+    last_seen  REAL
+);
+"""
+
+EVENT_KINDS = (
+    "connect",  # port opened
+    "disconnect",  # port lost (unplug, pty gone, I/O error)
+    "open_failed",  # could not open the port (detail says why); retried with backoff
+    "reboot",  # new boot id for a known node (boot = new id, detail = old id)
+    "gap",  # seq_from..seq_to (inclusive) never arrived within one boot
+    "duplicate",  # seq_from arrived again (or went backwards) within one boot
+    "crc_error",  # count frames failed their CRC
+    "malformed",  # count marker lines that did not parse
+    "oversize",  # count over-long frame lines dropped
+    "garbage",  # count bytes that were neither frames nor text lines
+    "text",  # a free-text line (REPL output, traceback) in detail
+    "node_changed",  # a different node id appeared on the same port (detail)
+)
+
+_FRAME_SQL = (
+    f"INSERT INTO frames (rx_time, port, node, boot, seq, kind, {', '.join(READING_COLUMNS)}, fields) "
+    f"VALUES ({', '.join('?' * (7 + len(READING_COLUMNS)))})"
+)
+_EVENT_SQL = (
+    "INSERT INTO link_events (rx_time, port, node, kind, boot, seq_from, seq_to, count, detail) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_NODE_SQL = """
+INSERT INTO nodes (node, zone, usb_serial, board, fw_version, port, first_seen, last_seen)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(node) DO UPDATE SET
+    zone       = COALESCE(excluded.zone, zone),
+    usb_serial = COALESCE(excluded.usb_serial, usb_serial),
+    board      = COALESCE(excluded.board, board),
+    fw_version = COALESCE(excluded.fw_version, fw_version),
+    port       = COALESCE(excluded.port, port),
+    first_seen = MIN(COALESCE(first_seen, excluded.first_seen), excluded.first_seen),
+    last_seen  = MAX(COALESCE(last_seen, excluded.last_seen), excluded.last_seen)
+"""
+
+
+class FrameLike(Protocol):
+    kind: str
+    node: str
+    boot: int
+    seq: int
+    fields: Mapping[str, object]
+
+
+def _int_or_none(value: object) -> int | None:
+    # bool is an int subclass; keep 0/1 but refuse floats/strings in INTEGER columns.
+    return int(value) if isinstance(value, int) else None
+
+
+def frame_row(rx_time: float, port: str, frame: FrameLike) -> tuple[Any, ...]:
+    """The `frames` row for one frame (also used by the ingest benchmark's baseline)."""
+    fields = frame.fields
+    get = fields.get
+    return (
+        rx_time,
+        port,
+        frame.node,
+        frame.boot,
+        frame.seq,
+        frame.kind,
+        *(_int_or_none(get(c)) for c in READING_COLUMNS),
+        json.dumps(fields, separators=(",", ":"), default=str),
+    )
+
+
+def open_db(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
+    """A connection to a store file with the schema in place (created if `create`)."""
+    p = Path(path)
+    if not create and not p.is_file():
+        raise CanopyError(f"database {str(path)!r} does not exist (record one with `canopy monitor --db FILE`)")
+    if create and p.parent and not p.parent.exists():
+        raise CanopyError(f"cannot create database {str(path)!r}: directory {str(p.parent)!r} does not exist")
+    try:
+        con = sqlite3.connect(str(p), check_same_thread=False, timeout=10.0)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        if create:
+            con.executescript(SCHEMA)
+            con.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+            con.commit()
+        else:
+            row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None or int(row[0]) != SCHEMA_VERSION:
+                raise CanopyError(f"{str(path)!r} is not a canopy monitor database (schema {SCHEMA_VERSION})")
+    except sqlite3.DatabaseError as exc:
+        raise CanopyError(f"cannot use database {str(path)!r}: {exc}") from None
+    return con
+
+
+@dataclass
+class StoreStats:
+    frames: int = 0
+    events: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+
+
+class Store:
+    """Queue-fed, batching SQLite writer. Thread-safe: any thread may call add_*."""
+
+    def __init__(self, path: str | Path, *, max_batch: int = 5000, max_delay: float = 0.2) -> None:
+        self.path = Path(path)
+        self._con = open_db(self.path)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._max_batch = max_batch
+        self._max_delay = max_delay
+        self.stats = StoreStats()
+        self.error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="canopy-store", daemon=True)
+        self._thread.start()
+
+    # -- producers -----------------------------------------------------------------
+
+    def add_frame(self, rx_time: float, port: str, frame: FrameLike) -> None:
+        self._queue.put((0, frame_row(rx_time, port, frame)))
+
+    def add_frame_row(self, row: tuple[Any, ...]) -> None:
+        self._queue.put((0, row))
+
+    def add_event(
+        self,
+        rx_time: float,
+        port: str,
+        node: str | None,
+        kind: str,
+        *,
+        boot: int | None = None,
+        seq_from: int | None = None,
+        seq_to: int | None = None,
+        count: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self._queue.put((1, (rx_time, port, node, kind, boot, seq_from, seq_to, count, detail)))
+
+    def upsert_node(
+        self,
+        node: str,
+        *,
+        seen: float,
+        zone: str | None = None,
+        usb_serial: str | None = None,
+        board: str | None = None,
+        fw_version: str | None = None,
+        port: str | None = None,
+    ) -> None:
+        self._queue.put((2, (node, zone, usb_serial, board, fw_version, port, seen, seen)))
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Block until everything queued before this call is committed."""
+        if self._closed:
+            return
+        done = threading.Event()
+        self._queue.put((3, done))
+        if not done.wait(timeout):
+            raise CanopyError(f"the database writer did not finish within {timeout} s ({self.path})")
+        if self.error is not None:
+            raise CanopyError(f"writing {str(self.path)!r} failed: {self.error}")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self._closed = True
+        self._con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the writer thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            frames: list[tuple[Any, ...]] = []
+            events: list[tuple[Any, ...]] = []
+            nodes: list[tuple[Any, ...]] = []
+            waiters: list[threading.Event] = []
+            stop = False
+            deadline = time.monotonic() + self._max_delay
+            n = 0
+            while True:
+                tag, payload = item
+                if tag == 0:
+                    frames.append(payload)
+                elif tag == 1:
+                    events.append(payload)
+                elif tag == 2:
+                    nodes.append(payload)
+                else:
+                    waiters.append(payload)
+                n += 1
+                if n >= self._max_batch or waiters:
+                    break
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    # Wait a little for more rows so a steady trickle still makes
+                    # large batches, but never longer than max_delay in total.
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = q.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if item is None:
+                    stop = True
+                    break
+            self._write(frames, events, nodes)
+            for w in waiters:
+                w.set()
+            if stop:
+                return
+
+    def _write(self, frames: list[Any], events: list[Any], nodes: list[Any]) -> None:
+        if not (frames or events or nodes):
+            return
+        try:
+            with self._con:
+                if frames:
+                    self._con.executemany(_FRAME_SQL, frames)
+                if events:
+                    self._con.executemany(_EVENT_SQL, events)
+                if nodes:
+                    self._con.executemany(_NODE_SQL, nodes)
+        except sqlite3.Error as exc:  # disk full, file removed...: report, keep draining
+            self.error = exc
+            return
+        st = self.stats
+        st.frames += len(frames)
+        st.events += len(events)
+        st.batches += 1
+        st.largest_batch = max(st.largest_batch, len(frames) + len(events) + len(nodes))
+
+
+# -- reading back (export, plot, tests) ---------------------------------------------
+
+
+def iter_frames(
+    con: sqlite3.Connection,
+    *,
+    nodes: list[str] | None = None,
+    kind: str | None = "reading",
+    since: float | None = None,
+    until: float | None = None,
+) -> Iterator[sqlite3.Row]:
+    """Frames in receive order, filtered; rows support row['t'] and row['fields']."""
+    where: list[str] = []
+    args: list[Any] = []
+    if nodes:
+        where.append(f"node IN ({', '.join('?' * len(nodes))})")
+        args += nodes
+    if kind:
+        where.append("kind = ?")
+        args.append(kind)
+    if since is not None:
+        where.append("rx_time >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("rx_time <= ?")
+        args.append(until)
+    sql = "SELECT * FROM frames"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY rx_time, id"
+    cur = con.cursor()
+    cur.row_factory = sqlite3.Row
+    yield from cur.execute(sql, args)
+
+
+def nodes_in_zone(con: sqlite3.Connection, zone: str) -> list[str]:
+    return [r[0] for r in con.execute("SELECT node FROM nodes WHERE zone = ? ORDER BY node", (zone,))]
+
+
+def known_nodes(con: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in con.execute("SELECT DISTINCT node FROM frames ORDER BY node")]
+
+
+def decode_fields(row: sqlite3.Row) -> dict[str, Any]:
+    value = json.loads(row["fields"])
+    return value if isinstance(value, dict) else {}
