@@ -1,0 +1,158 @@
+"""The virtual node's world: microclimate + simulated BME280 + actuators + simulated clock.
+
+Built from the virtual node's ``sim.json`` (see docs/firmware.md)::
+
+    {"node_id": "n01", "zone": "A", "seed": 1234, "zone_seed": 77, "speed": 10.0,
+     "weather": "hot", "board": "unix-sim",
+     "faults": [{"at_s": 300, "kind": "stuck|drift|spike|sensor_off",
+                 "duration_s": 120, "value": 0.02}]}
+
+``advance(ms)`` runs between control ticks (never inside one): it reads the actuator
+positions from the simulated PWMs, integrates the microclimate, applies the fault
+schedule and writes the new environment into the SimBME280 registers.
+
+Fault kinds, times in simulated seconds since boot:
+- ``stuck``: the sensor's data registers freeze for ``duration_s``;
+- ``drift``: the temperature reading drifts by ``value`` C per second (default 0.01)
+  for ``duration_s``, then snaps back (a recalibrated or replaced sensor);
+- ``spike``: one reading jumps by ``value`` C (default 15);
+- ``sensor_off``: the sensor leaves the I2C bus for ``duration_s`` (a loose connector).
+
+Usage::
+
+    w = World({"seed": 1, "weather": "hot"})
+    w.connect(shade_pwm, mist_pwm, fan_pwm, led_pin)
+    w.advance(1000)
+"""
+
+from canopy.sim.climate import Canopy, Rng, Weather
+
+BME280_ADDR = 0x76
+FAULT_KINDS = ("stuck", "drift", "spike", "sensor_off")
+_DEFAULT_VALUE = {"drift": 0.01, "spike": 15.0}
+STEP_MS = 1000
+# Measurement noise of a real BME280 (datasheet RMS noise at oversampling x1 is about
+# 0.005 C / 3 Pa / 0.02 %RH; we use a little more so readings are never frozen exactly).
+NOISE_T_C = 0.02
+NOISE_P_PA = 3.0
+NOISE_H_PCT = 0.05
+
+
+class SimError(ValueError):
+    """sim.json asks for something the world cannot do; the message says what."""
+
+
+def parse_faults(faults):
+    """Validate the sim.json fault list; return (kind, start_ms, end_ms, value) tuples."""
+    out = []
+    if not faults:
+        return out
+    if not isinstance(faults, list):
+        raise SimError("sim.json 'faults' must be a list")
+    for i, f in enumerate(faults):
+        if not isinstance(f, dict):
+            raise SimError("sim.json faults[%d] must be an object" % i)
+        kind = f.get("kind")
+        if kind not in FAULT_KINDS:
+            raise SimError("sim.json faults[%d].kind %r: use one of %s" % (i, kind, ", ".join(FAULT_KINDS)))
+        at = f.get("at_s", 0)
+        dur = f.get("duration_s", 0)
+        if not isinstance(at, (int, float)) or at < 0 or not isinstance(dur, (int, float)) or dur < 0:
+            raise SimError("sim.json faults[%d]: at_s and duration_s must be numbers >= 0" % i)
+        value = f.get("value")
+        if value is None:
+            value = _DEFAULT_VALUE.get(kind, 0.0)
+        start = int(at * 1000)
+        out.append((kind, start, start + int(dur * 1000), float(value)))
+    return out
+
+
+class World:
+    def __init__(self, sim=None):
+        sim = sim or {}
+        from canopy.sim.bme280 import SimBME280
+        from canopy.sim.i2c import SimI2C
+
+        self.sim = sim
+        self.node_id = sim.get("node_id", "sim")
+        self.now_ms = 0
+        self.weather = Weather(int(sim.get("zone_seed", 0)), sim.get("weather", "mild"))
+        self.canopy = Canopy(self.weather, int(sim.get("seed", 0)))
+        self.faults = parse_faults(sim.get("faults"))
+        self._spiked = [False] * len(self.faults)
+        self._noise = Rng(int(sim.get("seed", 0)) + 101)
+        self.i2c = SimI2C()
+        self.sensor = SimBME280(clock_ms=self.clock_ms)
+        self.i2c.attach(BME280_ADDR, self.sensor)
+        self._pwm = None
+        self.led = None
+        self.positions = (0.0, 0.0, 0.0)
+        self.active = ()
+        self._apply_faults()
+        self._feed_sensor()
+
+    def clock_ms(self):
+        return self.now_ms
+
+    def connect(self, shade_pwm, mist_pwm, fan_pwm, led_pin=None):
+        """Wire the actuators the firmware drives into the physics."""
+        self._pwm = (shade_pwm, mist_pwm, fan_pwm)
+        self.led = led_pin
+
+    def actuator_positions(self):
+        """(shade, mist, fan) as 0..1, as the hardware would move them."""
+        if self._pwm is None:
+            return (0.0, 0.0, 0.0)
+        s, m, f = self._pwm
+        # The servo's travel maps 1.0..2.0 ms; outside that it sits at its end stop.
+        shade = (s.pulse_ns() - 1000000) / 1000000
+        shade = 0.0 if shade < 0 else (1.0 if shade > 1 else shade)
+        return (shade, m.fraction(), f.fraction())
+
+    def advance(self, ms):
+        """Let `ms` simulated milliseconds pass."""
+        while ms > 0:
+            h = STEP_MS if ms > STEP_MS else ms
+            ms -= h
+            self.positions = self.actuator_positions()
+            shade, mist, fan = self.positions
+            self.canopy.step(h / 1000.0, shade, mist, fan)
+            self.now_ms += h
+            self._apply_faults()
+        self._feed_sensor()
+
+    def _apply_faults(self):
+        now = self.now_ms
+        stuck = False
+        present = True
+        offset = 0.0
+        active = []
+        for i, (kind, start, end, value) in enumerate(self.faults):
+            if kind == "spike":
+                if now >= start and not self._spiked[i]:
+                    self._spiked[i] = True
+                    self.sensor.spike(value)
+                    active.append(kind)
+                continue
+            if not (start <= now < end):
+                continue
+            active.append(kind)
+            if kind == "stuck":
+                stuck = True
+            elif kind == "sensor_off":
+                present = False
+            elif kind == "drift":
+                offset += value * (now - start) / 1000.0
+        self.sensor.stuck = stuck
+        self.sensor.present = present
+        self.sensor.offset_t_c = offset
+        self.active = tuple(active)
+
+    def _feed_sensor(self):
+        c = self.canopy
+        n = self._noise
+        self.sensor.set_environment(
+            c.t_c + n.uniform(-NOISE_T_C, NOISE_T_C),
+            c.p_pa + n.uniform(-NOISE_P_PA, NOISE_P_PA),
+            min(100.0, max(0.0, c.rh_pct + n.uniform(-NOISE_H_PCT, NOISE_H_PCT))),
+        )

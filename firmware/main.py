@@ -1,0 +1,138 @@
+"""Canopy node entry point: the same file runs on the ESP32 and in the unix port.
+
+Loads the board (``board.json``; in the unix port the board named in ``sim.json``),
+the config (``config.json`` over the defaults), builds the node and runs ``loop``:
+one ``node.tick()`` per ``tick_ms``, then ``link.service(now_ms)`` and housekeeping
+between ticks. In the unix port the clock is simulated, so sleeping between ticks
+advances the simulated world and time can run faster than real time.
+
+Run a virtual node by hand (the folder is its "flash": sim.json, boot_id, config.json)::
+
+    mkdir -p /tmp/n01 && cd /tmp/n01
+    echo '{"node_id": "n01", "seed": 1, "weather": "mild"}' > sim.json
+    CANOPY_SPEED=0 CANOPY_RUN_S=600 CANOPY_EVERY=60 MICROPYPATH=/path/to/firmware \\
+        micropython /path/to/firmware/main.py
+
+Environment (unix port only; the chip has no environment):
+    CANOPY_RUN_S   stop after this many simulated seconds (default: run forever)
+    CANOPY_SPEED   simulated seconds per wall second, 0 = as fast as possible
+                   (default: sim.json "speed", else real time)
+    CANOPY_EVERY   text link: print a reading every N ticks (default 10)
+"""
+
+import os
+
+from canopy import board as _board
+from canopy import config as _config
+from canopy import hal
+from canopy.node import Node
+
+try:
+    from time import ticks_add, ticks_diff
+except ImportError:  # CPython-side tooling importing this file
+    def ticks_add(a, b):
+        return a + b
+
+    def ticks_diff(a, b):
+        return a - b
+
+
+def _env(name, default=None):
+    getenv = getattr(os, "getenv", None)
+    v = getenv(name) if getenv else None
+    return default if v in (None, "") else v
+
+
+def _fixed(v, scale):
+    """Int in 1/scale units as a decimal string with 2 digits, without floats."""
+    sign = "-" if v < 0 else ""
+    v = -v if v < 0 else v
+    whole = v // scale
+    frac = (v - whole * scale) * 100 // scale
+    return "%s%d.%02d" % (sign, whole, frac)
+
+
+class TextLink:
+    """Default link: one human-readable line per reading (every `every` ticks) and per event.
+
+    ``R t=12s T=25.43C (raw 25.50) P=100582Pa (raw 100580) H=45.12% (raw 45.30)
+    shade=55.00% mist=0.00% fan=20.00% faults=0 failsafe=0``
+    ``E t=12s event=failsafe arg=1``
+    """
+
+    def __init__(self, node, every=10, out=None):
+        self.node = node
+        self.every = every if every > 0 else 1
+        self._write = out or print
+        self._last = -1
+
+    def service(self, now_ms):
+        node = self.node
+        secs = node.ticks * node.period_ms // 1000
+        while True:
+            ev = node.pop_event()
+            if ev is None:
+                break
+            self._write("E t=%ds event=%s arg=%d" % (secs, ev[0], ev[1]))
+        if node.ticks != self._last and node.ticks % self.every == 0:
+            self._last = node.ticks
+            r, m, o = node.raw, node.meas, node.out
+            self._write(
+                "R t=%ds T=%sC (raw %s) P=%dPa (raw %d) H=%s%% (raw %s) "
+                "shade=%s%% mist=%s%% fan=%s%% faults=%d failsafe=%d"
+                % (
+                    secs, _fixed(m[0], 100), _fixed(r[0], 100), m[1], r[1],
+                    _fixed(m[2], 1024), _fixed(r[2], 1024),
+                    _fixed(o[0], 100), _fixed(o[1], 100), _fixed(o[2], 100),
+                    node.faults, 1 if node.failsafe else 0,
+                )
+            )
+
+
+def load_config(path="config.json"):
+    try:
+        return _config.load(path)
+    except OSError:
+        return _config.merged()
+
+
+def make_link(node):
+    """The serial link serviced between ticks (the protocol link replaces this)."""
+    return TextLink(node, int(_env("CANOPY_EVERY", "10")))
+
+
+def loop(node, link, run_ms=0):
+    """Tick every cfg tick_ms; between ticks service the link and the node.
+
+    run_ms > 0 stops after that much (simulated, in the unix port) time; 0 runs forever.
+    """
+    hw = node.hw
+    start = hw.ticks_ms()
+    deadline = start
+    while True:
+        node.tick()
+        now = hw.ticks_ms()
+        link.service(now)
+        node.service()
+        if run_ms and ticks_diff(now, start) + node.period_ms > run_ms:
+            return
+        deadline = ticks_add(deadline, node.period_ms)
+        wait = ticks_diff(deadline, hw.ticks_ms())
+        if wait > 0:
+            hw.sleep_ms(wait)
+        else:
+            # Overran the period: skip ahead rather than fire a burst of late ticks.
+            deadline = hw.ticks_ms()
+
+
+def main():
+    b = _board.load()
+    hw = hal.open(b)
+    node = Node(hw, load_config())
+    link = make_link(node)
+    run_s = int(_env("CANOPY_RUN_S", "0"))
+    loop(node, link, run_s * 1000)
+
+
+if __name__ == "__main__":
+    main()
