@@ -1,0 +1,137 @@
+"""`canopy flash`: write a MicroPython image to one or many nodes, in parallel, verified."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
+
+from .boards import load_board
+from .errors import CanopyError
+from .esp_image import read_image
+from .flash import DEFAULT_BAUD, DEFAULT_CONNECT_ATTEMPTS, NodeReport, flash_nodes
+from .ports import ports_for_board
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "flash",
+        help="flash a MicroPython .bin onto one or more nodes (parallel, MD5-verified)",
+        description=(
+            "Detect each node's chip, refuse a chip or image that does not match --board, write "
+            "the image compressed at the board's flash offset, verify it, and reset. Ports are "
+            "flashed in parallel; the run ends with a JSON report per node on stdout."
+        ),
+        epilog=(
+            "examples:\n"
+            "  canopy flash --board esp32-devkitc --firmware ESP32_GENERIC-v1.25.0.bin --port /dev/ttyUSB0\n"
+            "  canopy flash --board esp32-devkitc --firmware fw.bin --all --erase --report flash.json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--board", required=True, help="board name from boards/ (e.g. esp32-devkitc)")
+    p.add_argument("--firmware", required=True, type=Path, metavar="IMAGE.bin", help="MicroPython firmware .bin")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--port", action="append", metavar="PORT", help="serial port (repeat for several nodes)")
+    target.add_argument("--all", action="store_true", help="every connected port whose USB id matches --board")
+    p.add_argument("--erase", action="store_true", help="erase the whole flash first (wipes the filesystem)")
+    p.add_argument("--baud", type=int, default=DEFAULT_BAUD, help=f"transfer baud rate (default {DEFAULT_BAUD}); lower rates are tried on errors")
+    p.add_argument("--connect-attempts", type=int, default=DEFAULT_CONNECT_ATTEMPTS, help=argparse.SUPPRESS)
+    p.add_argument("--report", type=Path, metavar="FILE", help="also write the JSON report to FILE")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the report")
+    p.set_defaults(func=run)
+
+
+class _BarSink:
+    """One progress-bar row, fed by one node's esptool messages and progress."""
+
+    def __init__(self, progress: Progress, port: str) -> None:
+        self._progress = progress
+        self._task: TaskID = progress.add_task(port, total=None, port=port, status="waiting")
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def message(self, text: str) -> None:
+        with self._lock:
+            self.lines.append(text)
+        self._progress.update(self._task, status=text[:70])
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        self._progress.update(self._task, completed=done, total=total, status=text[:70])
+
+
+class _QuietSink:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        pass
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if not 9600 <= args.baud <= 5_000_000:
+        raise CanopyError(f"--baud {args.baud} is out of range; use a rate like 115200, 460800 or 921600")
+    if args.connect_attempts < 1:
+        raise CanopyError("--connect-attempts must be at least 1")
+
+
+def _summary(console: Console, reports: list[NodeReport]) -> None:
+    for r in reports:
+        if r.result == "ok":
+            console.print(f"[green]ok[/green]      {r.port}: {r.chip} {r.mac} rev {r.revision}, {r.image_size} bytes at {r.offset:#x}, {r.baud} baud, {r.duration_s:.1f}s")
+        else:
+            console.print(f"[red]{r.result}[/red]  {r.port}: {r.error}")
+            if r.hint:
+                console.print(f"        try: {r.hint}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _validate(args)
+    board = load_board(args.board)
+    if not board.flashable:
+        raise CanopyError(f"board {board.name} is a virtual node: there is nothing to flash (try `canopy demo`)")
+    image = read_image(args.firmware)  # not an image / corrupt: refused before any port is opened
+    if args.all:
+        ports = [p.device for p in ports_for_board(board)]
+        if not ports:
+            ids = ", ".join(str(u) for u in board.usb)
+            raise CanopyError(f"--all found no connected port with a {board.name} USB id ({ids}); see `canopy ports`")
+    else:
+        ports = args.port
+    console = Console(stderr=True)
+    if args.quiet:
+        sinks: dict[str, _QuietSink | _BarSink] = {}
+        reports = flash_nodes(ports, board, image, args.baud, args.erase, args.connect_attempts,
+                              make_sink=lambda p: sinks.setdefault(p, _QuietSink()))
+    else:
+        columns = (
+            TextColumn("{task.fields[port]}", style="bold"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[status]}"),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            reports = flash_nodes(ports, board, image, args.baud, args.erase, args.connect_attempts,
+                                  make_sink=lambda p: _BarSink(progress, p))
+    _summary(console, reports)
+    doc = {"board": board.name, "firmware": str(args.firmware), "nodes": [r.to_json() for r in reports]}
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.report:
+        try:
+            args.report.write_text(text + "\n")
+        except OSError as exc:
+            raise CanopyError(f"could not write the report to {args.report}: {exc.strerror}") from None
+    failed = [r for r in reports if r.result != "ok"]
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(reports)} node(s) not flashed[/red]")
+        return 1
+    return 0
