@@ -17,6 +17,9 @@ from .paths import ToolNotFound
 # Verb modules, in the order `canopy --help` lists them.
 COMMAND_MODULES = [
     "canopy_host.demo_cmd",
+    "canopy_host.monitor_cmd",
+    "canopy_host.export_cmd",
+    "canopy_host.plot_cmd",
     "canopy_host.flash_cmd",
     "canopy_host.ports_cmd",
 ]

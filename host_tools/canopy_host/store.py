@@ -93,6 +93,7 @@ EVENT_KINDS = (
     "crc_error",  # count frames failed their CRC
     "malformed",  # count marker lines that did not parse
     "oversize",  # count over-long frame lines dropped
+    "unsupported",  # count frames of another protocol version
     "garbage",  # count bytes that were neither frames nor text lines
     "text",  # a free-text line (REPL output, traceback) in detail
     "node_changed",  # a different node id appeared on the same port (detail)
@@ -362,7 +363,7 @@ def iter_frames(
     sql += " ORDER BY rx_time, id"
     cur = con.cursor()
     cur.row_factory = sqlite3.Row
-    yield from cur.execute(sql, args)
+    return cur.execute(sql, args)
 
 
 def nodes_in_zone(con: sqlite3.Connection, zone: str) -> list[str]:

@@ -1,0 +1,136 @@
+"""The live terminal view of `canopy monitor`: one row per node, redrawn a few times a second.
+
+Rendering reads `Collector.snapshot()` only, so a slow terminal never slows ingest.
+
+    with Dashboard(collector) as dash:
+        while running:
+            dash.refresh(); time.sleep(0.25)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .monitor import Collector, NodeState, PortState
+
+
+def _fmt_scaled(value: Any, scale: float, digits: int) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return f"{value / scale:.{digits}f}"
+
+
+def _pct(value: Any) -> str:
+    # Actuator commands are 0..10000 (0.01 %); whole percent is enough on screen.
+    return "-" if not isinstance(value, int) else f"{value / 100:.0f}"
+
+
+def _health(reading: dict[str, Any]) -> Text:
+    if not reading:
+        return Text("-", style="dim")
+    faults = reading.get("faults")
+    if reading.get("failsafe"):
+        return Text(f"FAILSAFE {faults:#x}" if isinstance(faults, int) else "FAILSAFE", style="bold red")
+    if isinstance(faults, int) and faults:
+        return Text(f"fault {faults:#x}", style="yellow")
+    return Text("ok", style="green")
+
+
+def _link(n: NodeState) -> Text:
+    if n.connected:
+        return Text(n.port or "?", style="green")
+    return Text(f"DOWN {n.port or ''}".strip(), style="bold red")
+
+
+def render(nodes: list[NodeState], ports: list[PortState], messages: list[str], now: float, title: str) -> Group:
+    table = Table(title=title, expand=False, header_style="bold", pad_edge=False)
+    for name, justify in (
+        ("node", "left"),
+        ("zone", "left"),
+        ("link", "left"),
+        ("boot", "right"),
+        ("T °C", "right"),
+        ("P hPa", "right"),
+        ("RH %", "right"),
+        ("shade/mist/fan %", "right"),
+        ("health", "left"),
+        ("f/s", "right"),
+        ("frames", "right"),
+        ("gaps (missing)", "right"),
+        ("dup", "right"),
+        ("reboots", "right"),
+        ("crc", "right"),
+        ("garbage B", "right"),
+        ("last event", "left"),
+    ):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for n in nodes:
+        r = n.last_reading
+        table.add_row(
+            n.node,
+            n.zone or "",
+            _link(n),
+            "-" if n.boot is None else str(n.boot),
+            _fmt_scaled(r.get("t"), 100, 2),
+            _fmt_scaled(r.get("p"), 100, 1),
+            _fmt_scaled(r.get("h"), 1024, 1),
+            f"{_pct(r.get('shade'))}/{_pct(r.get('mist'))}/{_pct(r.get('fan'))}" if r else "-",
+            _health(r),
+            f"{n.rate(now):.1f}",
+            str(n.frames),
+            Text(f"{n.gaps} ({n.missing})", style="yellow" if n.gaps else ""),
+            str(n.duplicates),
+            Text(str(n.reboots), style="yellow" if n.reboots else ""),
+            Text(str(n.crc_errors), style="yellow" if n.crc_errors else ""),
+            str(n.garbage_bytes),
+            n.last_event[:40],
+        )
+    known = {n.node for n in nodes}
+    for p in ports:  # ports that have not shown a node yet
+        if p.node is None and p.spec.node_hint not in known:
+            table.add_row(p.spec.label, "", Text(p.status[:60], style="dim"), *[""] * 14)
+    parts: list[Any] = [table]
+    for m in messages[-5:]:
+        parts.append(Text(m, style="yellow"))
+    return Group(*parts)
+
+
+class Dashboard:
+    def __init__(self, collector: Collector, *, console: Console | None = None, title: str = "canopy monitor") -> None:
+        self.collector = collector
+        self.title = title
+        self.console = console or Console(stderr=False)
+        self._live = Live(console=self.console, auto_refresh=False, transient=False)
+
+    def _renderable(self) -> Group:
+        nodes, ports = self.collector.snapshot()
+        now = self.collector.clock()
+        elapsed = now - self.collector.started
+        title = f"{self.title} — {len(nodes)} node(s), {self.collector.total_frames} frames, {elapsed:.0f} s"
+        return render(nodes, ports, list(self.collector.messages), now, title)
+
+    def refresh(self) -> None:
+        self._live.update(self._renderable(), refresh=True)
+
+    def __enter__(self) -> Dashboard:
+        self._live.start()
+        self.refresh()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.refresh()
+        finally:
+            self._live.stop()
+
+
+def run_dashboard_loop(dash: Dashboard, should_stop: Any, period: float = 0.25) -> None:
+    while not should_stop():
+        dash.refresh()
+        time.sleep(period)

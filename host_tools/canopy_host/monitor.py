@@ -1,0 +1,640 @@
+"""The collector behind `canopy monitor`: one reader thread per port, one shared tracker.
+
+Each `PortReader` owns one port: it opens it (through `transport.open_port`, so a
+physical `/dev/ttyUSB0`, a virtual node's pty and a `socket://` URL take the same path),
+feeds the bytes to its own `protocol.FrameParser` and hands the frames to the
+`Collector`. When the port dies (unplug, pty gone, I/O error) the reader records a
+disconnect and reopens it with exponential backoff. Before each reopen it asks its
+`PortSpec` where the node is NOW: a USB node is found again by its USB serial number
+(replugging may change ttyUSB0 into ttyUSB1), a virtual node by re-reading the sim
+state file (a replugged virtual node gets a new pty).
+
+The `Collector` keys everything by node id (from the frames), not by port: it detects
+per node gaps (exact missing seq ranges within one boot), duplicates and reboots (a new
+boot id), counts CRC errors/garbage reported by the parser, and sends every frame and
+every link event to the `Store`.
+
+    collector = Collector(store)
+    readers = [PortReader(spec, collector) for spec in specs]
+    for r in readers: r.start()
+    ...
+    for r in readers: r.stop()
+    store.close()
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CanopyError
+from .paths import BOARDS_DIR
+from .store import Store
+
+# docs/protocol.md: the per-boot seq starts at 0 and wraps from 0x3FFFFFFF back to 0
+# (it stays a small int on the ESP32). FIRST_SEQ lets us report frames lost right
+# after a reboot.
+FIRST_SEQ = 0
+SEQ_MODULUS = 0x40000000
+RATE_WINDOW_S = 10.0
+MAX_TEXT_LINE = 500
+
+
+# -- where ports come from ------------------------------------------------------------
+
+
+@dataclass
+class PortSpec:
+    """A port to follow and how to find it again after a replug."""
+
+    label: str  # what the dashboard shows before the node id is known
+    path: str | None  # last known path/URL
+    node_hint: str | None = None
+    usb_serial: str | None = None
+    zone: str | None = None
+    resolver: Callable[[], str | None] | None = None  # re-locates the port (replug)
+    must_exist: bool = False  # a typed-in path that does not exist is a user mistake
+
+    def resolve(self) -> str | None:
+        if self.resolver is not None:
+            try:
+                found = self.resolver()
+            except Exception:  # a half-written state file etc.: keep the last path
+                found = None
+            if found:
+                self.path = found
+        return self.path
+
+
+def _is_url(port: str) -> bool:
+    return "://" in port
+
+
+def explicit_specs(ports: Iterable[str]) -> list[PortSpec]:
+    """Specs for ports named on the command line; USB ones are re-found by serial number."""
+    usb = {p.device: p for p in _comports()}
+    specs = []
+    for port in ports:
+        info = usb.get(port)
+        serial_no = getattr(info, "serial_number", None) if info else None
+        spec = PortSpec(label=port, path=port, usb_serial=serial_no, must_exist=not _is_url(port))
+        if serial_no:
+            spec.resolver = _usb_resolver(serial_no, getattr(info, "vid", None), getattr(info, "pid", None))
+        specs.append(spec)
+    return specs
+
+
+def _comports() -> list[Any]:
+    try:
+        from serial.tools import list_ports
+
+        return list(list_ports.comports())
+    except Exception:  # no sysfs (containers) etc.: nothing to discover
+        return []
+
+
+def _usb_resolver(serial_no: str, vid: int | None, pid: int | None) -> Callable[[], str | None]:
+    def resolve() -> str | None:
+        for p in _comports():
+            if p.serial_number == serial_no and (vid is None or p.vid == vid) and (pid is None or p.pid == pid):
+                return str(p.device)
+        return None
+
+    return resolve
+
+
+def board_usb_ids(boards_dir: Path = BOARDS_DIR) -> dict[tuple[int, int], str]:
+    """(VID, PID) -> 'bridge (board, board...)' from the usb hints in boards/*.json."""
+    ids: dict[tuple[int, int], list[str]] = {}
+    for path in sorted(boards_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            for hint in data.get("usb", []):
+                key = (int(str(hint["vid"]), 16), int(str(hint["pid"]), 16))
+                ids.setdefault(key, []).append(f"{hint.get('bridge', '?')}:{data.get('name', path.stem)}")
+        except (ValueError, KeyError, TypeError, OSError):
+            continue  # a broken board file must not stop the monitor
+    return {k: ", ".join(v) for k, v in ids.items()}
+
+
+def discover_usb_specs(boards_dir: Path = BOARDS_DIR) -> list[PortSpec]:
+    """Ports whose USB VID:PID matches a known board's bridge."""
+    ids = board_usb_ids(boards_dir)
+    specs = []
+    for p in _comports():
+        if p.vid is None or (p.vid, p.pid) not in ids:
+            continue
+        serial_no = p.serial_number
+        spec = PortSpec(label=str(p.device), path=str(p.device), usb_serial=serial_no)
+        # Cheap CP2102s all report serial "0001": re-finding by serial would be ambiguous.
+        if serial_no and sum(1 for q in _comports() if q.serial_number == serial_no) == 1:
+            spec.resolver = _usb_resolver(serial_no, p.vid, p.pid)
+        specs.append(spec)
+    return specs
+
+
+def read_sim_state(path: str | Path) -> list[dict[str, Any]]:
+    """The node entries of a `canopy sim` state file, normalised to
+    {'node', 'zone', 'path', 'usb_serial'} (tolerates a list, {'nodes': [...]} or
+    {'nodes': {id: {...}}})."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CanopyError(f"sim state file {str(path)!r} not found (start virtual nodes with `canopy sim`)") from None
+    except (OSError, ValueError) as exc:
+        raise CanopyError(f"cannot read sim state file {str(path)!r}: {exc}") from None
+    entries: Any = data.get("nodes", data) if isinstance(data, dict) else data
+    if isinstance(entries, dict):
+        entries = [dict(v, node_id=v.get("node_id", k)) if isinstance(v, dict) else {} for k, v in entries.items()]
+    if not isinstance(entries, list):
+        raise CanopyError(f"{str(path)!r} does not look like a canopy sim state file")
+    out = []
+    for e in entries:
+        if not isinstance(e, dict):
+            continue
+        node = e.get("node_id") or e.get("node") or e.get("id")
+        port = e.get("pty") or e.get("path") or e.get("port") or e.get("device")
+        if not node:
+            continue
+        out.append(
+            {
+                "node": str(node),
+                "zone": None if e.get("zone") is None else str(e.get("zone")),
+                "path": None if not port else str(port),
+                "usb_serial": e.get("usb_serial") or e.get("serial_number") or e.get("serial"),
+                # A disconnected virtual node may be listed without a usable path.
+                "connected": e.get("connected", True),
+            }
+        )
+    return out
+
+
+def sim_specs(state_file: str | Path) -> list[PortSpec]:
+    specs = []
+    for entry in read_sim_state(state_file):
+        node = entry["node"]
+
+        def resolve(node: str = node) -> str | None:
+            for e in read_sim_state(state_file):
+                if e["node"] == node and e["path"] and e["connected"] is not False:
+                    return str(e["path"])
+            return None
+
+        specs.append(
+            PortSpec(
+                label=node,
+                path=entry["path"],
+                node_hint=node,
+                usb_serial=entry["usb_serial"],
+                zone=entry["zone"],
+                resolver=resolve,
+            )
+        )
+    if not specs:
+        raise CanopyError(f"sim state file {str(state_file)!r} lists no nodes")
+    return specs
+
+
+# -- per-port and per-node state --------------------------------------------------------
+
+# parser attribute -> link event kind. garbage_bytes counts every byte outside good
+# frames (free text included, see protocol.FrameParser).
+PARSER_COUNTERS = (
+    ("crc_errors", "crc_error"),
+    ("malformed", "malformed"),
+    ("oversize", "oversize"),
+    ("unsupported", "unsupported"),
+    ("garbage_bytes", "garbage"),
+)
+
+
+@dataclass
+class PortState:
+    spec: PortSpec
+    path: str | None = None
+    node: str | None = None
+    connected: bool = False
+    connects: int = 0
+    disconnects: int = 0
+    open_failures: int = 0
+    status: str = "waiting"
+    counters: dict[str, int] = field(default_factory=lambda: {k: 0 for k, _ in PARSER_COUNTERS})
+    seen: dict[str, int] = field(default_factory=lambda: {k: 0 for k, _ in PARSER_COUNTERS})
+
+
+@dataclass
+class NodeState:
+    node: str
+    port: str | None = None
+    zone: str | None = None
+    usb_serial: str | None = None
+    boot: int | None = None
+    last_seq: int | None = None
+    frames: int = 0
+    readings: int = 0
+    gaps: int = 0
+    missing: int = 0
+    gap_ranges: list[tuple[int, int, int]] = field(default_factory=list)  # (boot, from, to)
+    duplicates: int = 0
+    reboots: int = 0
+    crc_errors: int = 0
+    malformed: int = 0
+    oversize: int = 0
+    unsupported: int = 0
+    garbage_bytes: int = 0
+    connects: int = 0
+    disconnects: int = 0
+    last_reading: dict[str, Any] = field(default_factory=dict)
+    hello: dict[str, Any] = field(default_factory=dict)
+    last_event: str = ""
+    last_rx: float = 0.0
+    recent: deque[float] = field(default_factory=deque)
+    connected: bool = False
+
+    def rate(self, now: float) -> float:
+        """Frames per second over the last RATE_WINDOW_S seconds."""
+        while self.recent and self.recent[0] < now - RATE_WINDOW_S:
+            self.recent.popleft()
+        if len(self.recent) < 2:
+            return 0.0
+        span = max(now - self.recent[0], 1e-3)
+        return len(self.recent) / min(max(span, 1.0), RATE_WINDOW_S)
+
+
+class Collector:
+    """Shared, thread-safe tracker: readers call `ingest`/`link_*`; UI calls `snapshot`."""
+
+    def __init__(
+        self,
+        store: Store | None,
+        *,
+        on_frame: Callable[[float, str, Any], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.on_frame = on_frame
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.nodes: dict[str, NodeState] = {}
+        self.ports: list[PortState] = []
+        self.total_frames = 0
+        self.started = clock()
+        self.messages: deque[str] = deque(maxlen=20)  # user-facing notices (bad ports...)
+
+    def add_port(self, spec: PortSpec) -> PortState:
+        with self.lock:
+            ps = PortState(spec=spec, path=spec.path)
+            self.ports.append(ps)
+            if spec.node_hint:
+                self._node(spec.node_hint, ps)
+            return ps
+
+    # -- helpers (lock held) --
+
+    def _node(self, node: str, ps: PortState | None) -> NodeState:
+        st = self.nodes.get(node)
+        if st is None:
+            st = self.nodes[node] = NodeState(node=node)
+        if ps is not None:
+            st.zone = ps.spec.zone or st.zone
+            st.usb_serial = ps.spec.usb_serial or st.usb_serial
+            st.port = ps.path or st.port
+        return st
+
+    def _event(self, rx: float, ps: PortState, kind: str, **kw: Any) -> None:
+        if self.store is not None:
+            self.store.add_event(rx, ps.path or ps.spec.label, ps.node or ps.spec.node_hint, kind, **kw)
+
+    def _port_node(self, ps: PortState) -> NodeState | None:
+        name = ps.node or ps.spec.node_hint
+        return self.nodes.get(name) if name else None
+
+    # -- called by readers --
+
+    def link_connected(self, ps: PortState, path: str) -> None:
+        rx = self.clock()
+        with self.lock:
+            ps.path = path
+            ps.connected = True
+            ps.connects += 1
+            ps.status = "connected"
+            self._event(rx, ps, "connect", detail=path)
+            st = self._port_node(ps)
+            if st is not None:
+                st.connects += 1
+                st.connected = True
+                st.port = path
+                st.last_event = f"connect {path}"
+
+    def link_lost(self, ps: PortState, reason: str) -> None:
+        rx = self.clock()
+        with self.lock:
+            ps.connected = False
+            ps.disconnects += 1
+            ps.status = f"disconnected: {reason}"
+            self._event(rx, ps, "disconnect", detail=reason)
+            st = self._port_node(ps)
+            if st is not None:
+                st.disconnects += 1
+                st.connected = False
+                st.last_event = "disconnect"
+
+    def open_failed(self, ps: PortState, path: str | None, reason: str, *, first: bool) -> None:
+        rx = self.clock()
+        with self.lock:
+            ps.open_failures += 1
+            ps.status = f"cannot open: {reason}"
+            if first:  # one event per outage, not one per retry
+                self._event(rx, ps, "open_failed", detail=f"{path}: {reason}")
+                self.messages.append(f"{path or ps.spec.label}: cannot open ({reason}); retrying")
+
+    def ingest(self, ps: PortState, parser: Any, frames: list[Any], rx: float | None = None) -> None:
+        """Account for one parser.feed() result: counters, free text, then frames."""
+        if rx is None:
+            rx = self.clock()
+        with self.lock:
+            st = self._port_node(ps)
+            for attr, kind in PARSER_COUNTERS:
+                now = int(getattr(parser, attr, 0))
+                delta = now - ps.seen[attr]
+                if delta > 0:
+                    ps.seen[attr] = now
+                    ps.counters[attr] += delta
+                    self._event(rx, ps, kind, count=delta)
+                    if st is not None:
+                        setattr(st, attr, getattr(st, attr) + delta)
+            lines = getattr(parser, "text_lines", None)
+            if lines:
+                for line in lines:
+                    text = line.decode("utf-8", "replace") if isinstance(line, (bytes, bytearray)) else str(line)
+                    self._event(rx, ps, "text", detail=text[:MAX_TEXT_LINE])
+                del lines[:]
+            for f in frames:
+                self._frame(ps, f, rx)
+
+    def _frame(self, ps: PortState, f: Any, rx: float) -> None:
+        if ps.node != f.node:
+            if ps.node is not None:
+                self._event(rx, ps, "node_changed", detail=f"{ps.node} -> {f.node}")
+            ps.node = f.node
+        st = self._node(f.node, ps)
+        st.connected = True
+        port = ps.path or ps.spec.label
+        if st.boot is None:
+            st.boot = f.boot
+            st.last_seq = f.seq
+        elif f.boot != st.boot:
+            st.reboots += 1
+            self._event(rx, ps, "reboot", boot=f.boot, detail=f"boot {st.boot} -> {f.boot}")
+            st.last_event = "reboot"
+            st.boot = f.boot
+            if f.seq > FIRST_SEQ:
+                self._gap(ps, st, rx, FIRST_SEQ, f.seq - 1)
+            st.last_seq = f.seq
+        else:
+            last = st.last_seq if st.last_seq is not None else f.seq - 1
+            ahead = (f.seq - last) % SEQ_MODULUS
+            if ahead == 1:
+                st.last_seq = f.seq
+            elif 1 < ahead < SEQ_MODULUS // 2:
+                first = (last + 1) % SEQ_MODULUS
+                end = (f.seq - 1) % SEQ_MODULUS
+                if first <= end:
+                    self._gap(ps, st, rx, first, end)
+                else:  # the missing run straddles the counter's wrap to 0
+                    self._gap(ps, st, rx, first, SEQ_MODULUS - 1)
+                    self._gap(ps, st, rx, 0, end)
+                st.last_seq = f.seq
+            else:  # same seq again, or behind: a repeat, never a new frame
+                st.duplicates += 1
+                st.last_event = f"duplicate {f.seq}"
+                self._event(rx, ps, "duplicate", boot=f.boot, seq_from=f.seq, detail=f"after seq {last}")
+        st.frames += 1
+        st.last_rx = rx
+        st.recent.append(rx)
+        self.total_frames += 1
+        fields = f.fields
+        if f.kind == "reading":
+            st.readings += 1
+            st.last_reading = dict(fields)
+        elif f.kind == "hello":
+            st.hello = dict(fields)
+            st.last_event = f"hello {fields.get('fw_version', '')}".strip()
+        elif f.kind == "event":
+            st.last_event = f"{fields.get('code', '?')} {fields.get('arg', '')}".strip()
+        elif f.kind == "error":
+            st.last_event = f"error {fields.get('code', fields.get('msg', ''))}".strip()
+        if self.store is not None:
+            self.store.add_frame(rx, port, f)
+            if st.frames == 1 or f.kind == "hello":
+                self.store.upsert_node(
+                    f.node,
+                    seen=rx,
+                    zone=st.zone,
+                    usb_serial=st.usb_serial,
+                    board=_opt_str(st.hello.get("board")),
+                    fw_version=_opt_str(st.hello.get("fw_version")),
+                    port=port,
+                )
+        if self.on_frame is not None:
+            self.on_frame(rx, port, f)
+
+    def _gap(self, ps: PortState, st: NodeState, rx: float, first: int, last: int) -> None:
+        st.gaps += 1
+        st.missing += last - first + 1
+        st.gap_ranges.append((int(st.boot or 0), first, last))
+        st.last_event = f"gap {first}..{last}" if first != last else f"gap {first}"
+        self._event(rx, ps, "gap", boot=st.boot, seq_from=first, seq_to=last)
+
+    # -- for the UI --
+
+    def snapshot(self) -> tuple[list[NodeState], list[PortState]]:
+        with self.lock:
+            nodes = [_copy_node(s) for _, s in sorted(self.nodes.items())]
+            ports = [
+                PortState(spec=p.spec, path=p.path, node=p.node, connected=p.connected, connects=p.connects,
+                          disconnects=p.disconnects, open_failures=p.open_failures, status=p.status,
+                          counters=dict(p.counters))
+                for p in self.ports
+            ]
+        return nodes, ports
+
+    def summary(self) -> dict[str, Any]:
+        now = self.clock()
+        nodes, ports = self.snapshot()
+        return {
+            "duration_s": round(now - self.started, 3),
+            "frames": sum(n.frames for n in nodes),
+            "nodes": {
+                n.node: {
+                    "frames": n.frames,
+                    "readings": n.readings,
+                    "gaps": n.gaps,
+                    "missing": n.missing,
+                    "gap_ranges": [list(g) for g in n.gap_ranges[:50]],
+                    "duplicates": n.duplicates,
+                    "reboots": n.reboots,
+                    "crc_errors": n.crc_errors,
+                    "malformed": n.malformed,
+                    "garbage_bytes": n.garbage_bytes,
+                    "disconnects": n.disconnects,
+                }
+                for n in nodes
+            },
+            "ports": {
+                (p.path or p.spec.label): {
+                    "node": p.node,
+                    "connects": p.connects,
+                    "disconnects": p.disconnects,
+                    "open_failures": p.open_failures,
+                    **p.counters,
+                }
+                for p in ports
+            },
+        }
+
+
+def _opt_str(v: object) -> str | None:
+    return None if v is None else str(v)
+
+
+def _copy_node(s: NodeState) -> NodeState:
+    c = NodeState(**{k: getattr(s, k) for k in s.__dataclass_fields__ if k not in ("recent", "gap_ranges")})
+    c.recent = deque(s.recent)
+    c.gap_ranges = list(s.gap_ranges)
+    return c
+
+
+# -- the reader thread ------------------------------------------------------------------
+
+
+def default_opener(path: str, baud: int) -> Any:
+    try:
+        from .transport import open_port
+    except ImportError:  # transport.py not installed: same call it would make
+        import serial
+
+        ser = serial.serial_for_url(path, baudrate=baud, timeout=0.1)
+    else:
+        ser = open_port(path, baud)
+    ser.timeout = 0.1
+    return ser
+
+
+def _parser_factory() -> Any:
+    from .protocol import FrameParser
+
+    return FrameParser()
+
+
+class PortReader(threading.Thread):
+    """Follows one port forever (until stop()): read, parse, hand over, reconnect."""
+
+    def __init__(
+        self,
+        ps: PortState,
+        collector: Collector,
+        *,
+        baud: int = 115200,
+        opener: Callable[[str, int], Any] = default_opener,
+        parser_factory: Callable[[], Any] = _parser_factory,
+        backoff_min: float = 0.1,
+        backoff_max: float = 5.0,
+    ) -> None:
+        super().__init__(name=f"canopy-reader-{ps.spec.label}", daemon=True)
+        self.ps = ps
+        self.collector = collector
+        self.baud = baud
+        self.opener = opener
+        self.parser_factory = parser_factory
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self._stop_evt = threading.Event()
+        self._ser: Any = None
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        ser = self._ser
+        if ser is not None:
+            try:
+                ser.cancel_read()  # wake a blocking read at once
+            except Exception:
+                pass
+
+    def run(self) -> None:
+        delay = self.backoff_min
+        failing = False
+        while not self._stop_evt.is_set():
+            try:
+                path = self.ps.spec.resolve()
+                if not path:
+                    self.collector.open_failed(self.ps, None, "node not present", first=not failing)
+                    failing = True
+                else:
+                    try:
+                        ser = self.opener(path, self.baud)
+                    except Exception as exc:  # SerialException, OSError, ValueError (bad URL)
+                        self.collector.open_failed(self.ps, path, _reason(exc), first=not failing)
+                        failing = True
+                    else:
+                        failing = False
+                        began = time.monotonic()
+                        self._follow(ser, path)
+                        # A link that held for a while starts the backoff afresh; one
+                        # that dies at once (flapping cable) keeps backing off.
+                        if time.monotonic() - began > 2 * self.backoff_max:
+                            delay = self.backoff_min
+            except Exception as exc:  # never let a reader die: record and retry
+                self.collector.open_failed(self.ps, self.ps.path, f"internal error: {exc!r}", first=True)
+            self._stop_evt.wait(delay)
+            delay = min(delay * 2, self.backoff_max)
+
+    def _follow(self, ser: Any, path: str) -> None:
+        self._ser = ser
+        self.collector.link_connected(self.ps, path)
+        parser = self.parser_factory()
+        for attr, _ in PARSER_COUNTERS:
+            self.ps.seen[attr] = 0
+        try:
+            while not self._stop_evt.is_set():
+                n = ser.in_waiting
+                data = ser.read(n if n > 0 else 1)
+                if data:
+                    rx = self.collector.clock()
+                    frames = parser.feed(data)
+                    self.collector.ingest(self.ps, parser, frames, rx)
+        except Exception as exc:  # SerialException / OSError: the link is gone
+            self._last_words(parser)
+            if not self._stop_evt.is_set():
+                self.collector.link_lost(self.ps, _reason(exc))
+        else:
+            self._last_words(parser)
+        finally:
+            self._ser = None
+            try:
+                ser.close()
+            except Exception:
+                pass
+
+
+    def _last_words(self, parser: Any) -> None:
+        # A traceback's last line often has no newline before the board dies: log it.
+        # (A partial FRAME is never logged as received: it has no CRC yet.)
+        try:
+            flush = getattr(parser, "flush_text", None)
+            if flush is not None:
+                flush()
+            self.collector.ingest(self.ps, parser, [])
+        except Exception:
+            pass
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,190 @@
+"""`canopy monitor`: follow many nodes at once, store every frame, show a live table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import CanopyError
+
+DEFAULT_DB = "canopy-monitor.db"
+
+EPILOG = """\
+examples:
+  canopy monitor                              # every USB port that looks like a known board
+  canopy monitor /dev/ttyUSB0 /dev/ttyUSB1    # these ports
+  canopy monitor --sim-state var/sim/state.json --duration 30
+  canopy monitor --json /dev/ttyACM0 | jq -c 'select(.kind=="event")'
+
+Every frame goes into the SQLite file given by --db (WAL mode; safe to read while the
+monitor runs), with link events (connects, disconnects, reboots, gaps, CRC errors,
+garbage, free-text lines). Read it back with `canopy export` and `canopy plot`.
+Ctrl-C stops cleanly: everything received so far is committed before exit.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "monitor",
+        help="follow nodes live, store every frame in SQLite",
+        description=(
+            "Follow many nodes at once (physical USB serial ports or virtual nodes), store every "
+            "frame in SQLite, detect gaps/duplicates/reboots, survive unplug and replug."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("ports", nargs="*", metavar="PORT", help="serial port path or pyserial URL (socket://host:port)")
+    p.add_argument("--sim-state", metavar="FILE", help="state file written by `canopy sim`: follow its virtual nodes")
+    p.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"SQLite file to append to (default {DEFAULT_DB})")
+    p.add_argument("--json", action="store_true", help="write frames as JSON lines to stdout instead of the dashboard")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
+    p.add_argument("--baud", type=int, default=115200, help="baud rate for physical ports (default 115200)")
+    p.set_defaults(func=run)
+
+
+def _json_writer(out: Any, broken: threading.Event) -> Any:
+    def write(rx: float, port: str, f: Any) -> None:
+        if broken.is_set():
+            return
+        line = json.dumps(
+            {"rx_time": round(rx, 6), "port": port, "node": f.node, "boot": f.boot, "seq": f.seq,
+             "kind": f.kind, "fields": f.fields},
+            separators=(",", ":"),
+            default=str,
+        )
+        try:
+            out.write(line + "\n")
+        except (BrokenPipeError, ValueError):  # reader of the pipe went away
+            broken.set()
+
+    return write
+
+
+def _collect_specs(args: argparse.Namespace) -> list[Any]:
+    from .monitor import discover_usb_specs, explicit_specs, sim_specs
+
+    specs = explicit_specs(args.ports)
+    if args.sim_state:
+        specs += sim_specs(args.sim_state)
+    if not specs:
+        specs = discover_usb_specs()
+        if not specs:
+            raise CanopyError(
+                "no ports given and no USB serial port matches a known board (boards/*.json usb hints); "
+                "name ports (canopy monitor /dev/ttyUSB0) or follow virtual nodes (--sim-state FILE)"
+            )
+    kept = []
+    for spec in specs:
+        if spec.must_exist and spec.path and not Path(spec.path).exists():
+            print(f"canopy monitor: error: port {spec.path!r} does not exist; following the others", file=sys.stderr)
+            continue
+        kept.append(spec)
+    if not kept:
+        raise CanopyError("none of the given ports exists (see `canopy ports` for candidates)")
+    return kept
+
+
+def _print_summary(summary: dict[str, Any], db: str, out: Any) -> None:
+    nodes = summary["nodes"]
+    print(
+        f"canopy monitor: {summary['duration_s']:.1f} s, {len(nodes)} node(s), {summary['frames']} frames -> {db}",
+        file=out,
+    )
+    for name, n in nodes.items():
+        ranges = ", ".join(f"{a}..{b}" if a != b else str(a) for _, a, b in n["gap_ranges"][:5])
+        gap = f"gaps {n['gaps']} (missing {n['missing']}{': ' + ranges if ranges else ''})"
+        print(
+            f"  {name:<8} frames {n['frames']:<6} readings {n['readings']:<6} {gap}  dup {n['duplicates']}  "
+            f"reboots {n['reboots']}  crc {n['crc_errors']}  garbage {n['garbage_bytes']} B  "
+            f"disconnects {n['disconnects']}",
+            file=out,
+        )
+    for path, p in summary["ports"].items():
+        if p["node"] is None:
+            print(f"  {path}: no frames (connects {p['connects']}, open failures {p['open_failures']})", file=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .monitor import Collector, PortReader
+    from .store import Store
+
+    if args.duration is not None and not args.duration > 0:
+        raise CanopyError("--duration must be a positive number of seconds")
+    if args.baud <= 0:
+        raise CanopyError("--baud must be positive")
+    try:
+        from . import protocol  # noqa: F401  (fail early, not inside every reader)
+    except ImportError as exc:
+        raise CanopyError(f"the protocol module is not available: {exc}") from None
+    specs = _collect_specs(args)
+    store = Store(args.db)
+    broken = threading.Event()
+    collector = Collector(store, on_frame=_json_writer(sys.stdout, broken) if args.json else None)
+    readers = [PortReader(collector.add_port(s), collector, baud=args.baud) for s in specs]
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    shown: set[str] = set()
+    dash = None
+    try:
+        for r in readers:
+            r.start()
+        if not args.json:
+            from .dashboard import Dashboard
+
+            dash = Dashboard(collector)
+            dash.__enter__()
+        while deadline is None or time.monotonic() < deadline:
+            if broken.is_set():
+                break
+            if dash is not None:
+                dash.refresh()
+            else:
+                with collector.lock:
+                    try:
+                        sys.stdout.flush()
+                    except (BrokenPipeError, ValueError):
+                        broken.set()
+                for m in list(collector.messages):  # bad ports: tell the user once
+                    if m not in shown:
+                        shown.add(m)
+                        print(f"canopy monitor: {m}", file=sys.stderr)
+            time.sleep(0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic())))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # A second Ctrl-C must not abort the final flush.
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for r in readers:
+                r.stop()
+            for r in readers:
+                r.join(timeout=5)
+            if dash is not None:
+                try:
+                    dash.__exit__(None, None, None)
+                except Exception:
+                    pass
+            store.close()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+    if args.json:
+        try:
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+    _print_summary(collector.summary(), args.db, sys.stderr if args.json else sys.stdout)
+    if store.error is not None:
+        raise CanopyError(f"writing {args.db!r} failed: {store.error}")
+    return 0
