@@ -1,0 +1,90 @@
+"""Unix-port boot shim: make a virtual node start up the way an ESP32 board does.
+
+The supervisor (`canopy sim`, host_tools/canopy_host/sim.py) runs one of these per
+virtual node, with the node's folder (its "flash") as the current directory::
+
+    CANOPY_SIM_BOOT=hard micropython -i /path/to/firmware/canopy/sim/boot.py
+
+`CANOPY_SIM_BOOT` says which kind of start this is:
+
+- ``hard`` (power-on, reset, crash) and ``soft`` (Ctrl-D in the friendly REPL): run
+  ``boot.py`` then ``main.py`` from the node folder (the firmware's ``main.py`` when the
+  folder has none), then fall into the REPL (``-i``), like the chip does.
+- ``raw`` (Ctrl-D in the raw REPL, which is how mpremote soft-resets): run ``boot.py``
+  only; the supervisor has queued Ctrl-A so the REPL comes up in raw mode.
+
+The unix port has no ``machine.reset``; mpremote's ``reset`` needs one, so a thin
+``machine`` stand-in that adds it (and delegates everything else) goes into
+``sys.modules``. Exiting the process with status 3 is what the supervisor reads as
+a hard reset, the same status the simulated HAL uses for ``node.reboot()``.
+"""
+
+import os
+import sys
+
+import machine as _builtin_machine
+
+# The chip's sys.path starts with the flash root; the unix port puts this script's
+# own directory first, which would let canopy/sim/*.py shadow top-level names.
+sys.path[0] = ""
+
+RESET_STATUS = 3
+
+
+class _Machine:
+    def __getattr__(self, name):
+        return getattr(_builtin_machine, name)
+
+    def reset(self):
+        raise SystemExit(RESET_STATUS)
+
+    def soft_reset(self):
+        raise SystemExit(0)
+
+
+sys.modules["machine"] = _Machine()
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _firmware_main():
+    for d in sys.path[1:]:
+        if d and d != ".frozen":
+            src = _read(d + "/main.py")
+            if src is not None:
+                return d + "/main.py", src
+    return None, None
+
+
+def _run(path, src):
+    # Boards keep going after a failing boot.py/main.py and show the traceback;
+    # only an explicit reset (SystemExit) ends the "board" run.
+    try:
+        exec(compile(src, path, "exec"), globals())
+    except SystemExit:
+        raise
+    except BaseException as e:  # KeyboardInterrupt included: Ctrl-C lands in the REPL
+        sys.print_exception(e)
+
+
+def _boot(mode):
+    src = _read("boot.py")
+    if src is not None:
+        _run("boot.py", src)
+    if mode == "raw":
+        return
+    path = "main.py"
+    src = _read(path)
+    if src is None:
+        path, src = _firmware_main()
+    if src is not None:
+        _run(path, src)
+
+
+_boot(os.getenv("CANOPY_SIM_BOOT") or "hard")

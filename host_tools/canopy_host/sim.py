@@ -1,0 +1,696 @@
+"""Virtual canopy nodes: the real firmware in unix-port processes behind real ptys.
+
+Each virtual node is one MicroPython unix-port process running `firmware/` from its
+own folder (its "flash"), started through the boot shim `firmware/canopy/sim/boot.py`.
+The unix port only gives a REPL when its stdin is a terminal, so every process gets
+an inner pseudo-terminal; a relay thread copies bytes between it and a second,
+public pty whose path (`/dev/pts/N`) is what tools open, like a USB serial device.
+
+The relay is also the "board": when the process exits it prints what a board prints
+and starts it again (Ctrl-D -> soft reboot, raw-REPL Ctrl-D -> back in the raw REPL
+without main.py, exit status 3 or a crash -> hard reset), which is what mpremote
+expects. It performs the serial-level faults too: `disconnect` (the public pty goes
+away like an unplugged cable), `reboot` (kill and restart) and `garbage` (random bytes
+in the node->host stream). Sensor faults go into the node's `sim.json` for the
+firmware's simulated world.
+
+Usage::
+
+    from canopy_host.sim import SimConfig, Supervisor, parse_fault
+    cfg = SimConfig(nodes=2, directory=Path("var/sim"), faults=[parse_fault("n02:stuck@60")])
+    with Supervisor(cfg) as sup:
+        print([n.port for n in sup.nodes])     # ['/dev/pts/7', '/dev/pts/9']
+"""
+
+from __future__ import annotations
+
+import ast
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import subprocess
+import termios
+import threading
+import time
+import tty
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CanopyError
+from .paths import FIRMWARE_DIR, micropython_command
+
+BOOT_SHIM = FIRMWARE_DIR / "canopy" / "sim" / "boot.py"
+CLIMATE_MODULE = FIRMWARE_DIR / "canopy" / "sim" / "climate.py"
+
+SENSOR_FAULTS = ("drift", "stuck", "spike", "sensor_off")
+SERIAL_FAULTS = ("disconnect", "reboot", "garbage")
+FAULT_KINDS = SENSOR_FAULTS + SERIAL_FAULTS
+
+# Defaults when `--fault` leaves them out (VALUE units: drift C/s, spike C, garbage bytes).
+DEFAULT_VALUE = {"drift": 0.02, "spike": 5.0, "garbage": 64}
+DEFAULT_DURATION_S = {"disconnect": 10.0, "reboot": 0.0, "garbage": 0.0, "spike": 0.0}
+FOREVER_S = 10**9  # "until the run ends", kept numeric so the firmware needs no None case
+
+RESET_STATUS = 3  # exit status the boot shim and the simulated HAL use for a hard reset
+RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n"
+FRIENDLY_BANNER = b'Type "help()" for more information.'
+SOFT_REBOOT = b"MPY: soft reboot\r\n"
+GARBAGE_REPEAT_S = 0.5
+POLL_MS = 20
+PENDING_MAX = 4096
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """One `--fault NODE:KIND[=VALUE][@T][/DURATION]`; times are simulated seconds since boot."""
+
+    node: str  # node id, or "all"
+    kind: str
+    at_s: float = 0.0
+    duration_s: float | None = None
+    value: float | None = None
+
+    def sim_json(self) -> dict[str, Any]:
+        """The entry for the firmware's `sim.json` `faults` list."""
+        duration = self.duration_s if self.duration_s is not None else DEFAULT_DURATION_S.get(self.kind, FOREVER_S)
+        entry: dict[str, Any] = {"at_s": self.at_s, "kind": self.kind, "duration_s": duration}
+        value = self.value if self.value is not None else DEFAULT_VALUE.get(self.kind)
+        if value is not None:
+            entry["value"] = value
+        return entry
+
+
+_FAULT_RE = re.compile(
+    r"^(?P<node>[A-Za-z0-9_*-]+):(?P<kind>[a-z_]+)"
+    r"(?:=(?P<value>[-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?))?"
+    r"(?:@(?P<at>[0-9]*\.?[0-9]+))?"
+    r"(?:/(?P<dur>[0-9]*\.?[0-9]+))?$"
+)
+
+
+def parse_fault(text: str) -> FaultSpec:
+    """Parse `NODE:KIND[=VALUE][@T][/DURATION]`, e.g. `n02:stuck@300/120`, `all:garbage=32@5`."""
+    m = _FAULT_RE.match(text.strip())
+    if not m:
+        raise CanopyError(
+            f"bad --fault {text!r}: expected NODE:KIND[=VALUE][@T][/DURATION], e.g. n02:stuck@300/120"
+        )
+    kind = m["kind"]
+    if kind not in FAULT_KINDS:
+        raise CanopyError(f"bad --fault {text!r}: unknown kind {kind!r} (one of {', '.join(FAULT_KINDS)})")
+    node = m["node"]
+    if node in ("*", "all"):
+        node = "all"
+    elif node.isdigit():
+        node = node_id(int(node))
+    return FaultSpec(
+        node=node,
+        kind=kind,
+        at_s=float(m["at"]) if m["at"] else 0.0,
+        duration_s=float(m["dur"]) if m["dur"] else None,
+        value=float(m["value"]) if m["value"] else None,
+    )
+
+
+def node_id(index: int, count: int = 1) -> str:
+    """`n01`, `n02`, ...: 1-based, at least two digits so ids sort like the nodes."""
+    return f"n{index:0{max(2, len(str(count)))}d}"
+
+
+def zone_name(k: int) -> str:
+    """Zones are letters: A..Z, then AA, AB, ..."""
+    name = ""
+    k += 1
+    while k:
+        k, r = divmod(k - 1, 26)
+        name = chr(ord("A") + r) + name
+    return name
+
+
+def derived_seed(seed: int, *parts: object) -> int:
+    """A per-node/per-zone seed from the run seed; < 2**30 so it is a small int on the chip."""
+    return random.Random(":".join(["canopy-sim", str(seed), *map(str, parts)])).randrange(1, 1 << 30)
+
+
+def usb_serial_number(nid: str) -> str:
+    """A fake USB serial number, stable per node id (a board keeps its serial across runs)."""
+    return "CNPYSIM" + hashlib.sha1(f"canopy-sim:{nid}".encode()).hexdigest()[:8].upper()
+
+
+def weather_kinds() -> list[str]:
+    """The weather names the firmware's climate model knows (read from its KINDS table)."""
+    try:
+        tree = ast.parse(CLIMATE_MODULE.read_text())
+    except (OSError, SyntaxError):
+        return []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "KINDS" for t in node.targets):
+            if isinstance(node.value, ast.Dict):
+                return [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+    return []
+
+
+@dataclass
+class SimConfig:
+    nodes: int = 2
+    zones: int = 1
+    seed: int = 1
+    speed: float = 1.0
+    weather: str = "hot"
+    faults: list[FaultSpec] = field(default_factory=list)
+    directory: Path = Path("var/sim")
+    state_file: Path | None = None  # default: <directory>/state.json
+    board: str = "unix-sim"
+    heapsize: str | None = None
+    fresh: bool = False
+
+    def validate(self) -> None:
+        if not 1 <= self.nodes <= 999:
+            raise CanopyError(f"--nodes must be 1..999, not {self.nodes}")
+        if not 1 <= self.zones <= self.nodes:
+            raise CanopyError(f"--zones must be 1..{self.nodes} (at most one zone per node), not {self.zones}")
+        if not 0 <= self.seed < 1 << 62:
+            raise CanopyError(f"--seed must be a non-negative integer, not {self.seed}")
+        if self.speed < 0:
+            raise CanopyError(f"--speed must be >= 0 (simulated seconds per wall second), not {self.speed}")
+        kinds = weather_kinds()
+        if kinds and self.weather not in kinds:
+            raise CanopyError(f"unknown --weather {self.weather!r} (one of {', '.join(kinds)})")
+        if self.heapsize and not re.fullmatch(r"\d+[kKmM]?", self.heapsize):
+            raise CanopyError(f"--heapsize {self.heapsize!r} should look like 64k or 2M")
+        ids = {node_id(i, self.nodes) for i in range(1, self.nodes + 1)}
+        for f in self.faults:
+            if f.node != "all" and f.node not in ids:
+                raise CanopyError(f"--fault names node {f.node!r}, but the nodes are {node_id(1, self.nodes)}..{node_id(self.nodes, self.nodes)}")
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_file or self.directory / "state.json"
+
+    def wall_s(self, sim_s: float) -> float:
+        """Wall seconds for simulated seconds (speed 0 = "as fast as possible": taken as wall time)."""
+        return sim_s / self.speed if self.speed > 0 else sim_s
+
+
+def _configure_inner_tty(fd: int) -> None:
+    # Like a UART into the chip: no echo, no line editing, no CR/LF mangling, but
+    # Ctrl-C still raises SIGINT (KeyboardInterrupt in a running main.py). Quit and
+    # suspend characters are disabled: a stray 0x1c/0x1a must not kill or stop the node.
+    attrs = termios.tcgetattr(fd)
+    attrs[0] &= ~(termios.ICRNL | termios.INLCR | termios.IGNCR | termios.IXON | termios.IXOFF
+                  | termios.ISTRIP | termios.BRKINT | termios.PARMRK)
+    attrs[1] &= ~termios.OPOST
+    attrs[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.IEXTEN)
+    attrs[3] |= termios.ISIG
+    cc = attrs[6]
+    cc[termios.VINTR] = 3
+    cc[termios.VQUIT] = 0
+    cc[termios.VSUSP] = 0
+    cc[termios.VMIN] = 1
+    cc[termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
+def _become_tty_session() -> None:
+    # Runs in the child between fork and exec: own session, stdin's pty as the
+    # controlling terminal, so Ctrl-C typed into it becomes SIGINT for this node only.
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+_LONE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class VirtualNode:
+    """One virtual node: its process, its two ptys and the relay thread between them."""
+
+    def __init__(self, sup: Supervisor, nid: str, zone: str, folder: Path, sim: dict[str, Any],
+                 faults: list[FaultSpec]) -> None:
+        self.sup = sup
+        self.node_id = nid
+        self.zone = zone
+        self.folder = folder
+        self.sim = sim
+        self.serial_number = usb_serial_number(nid)
+        self.port: str | None = None
+        self.pid: int | None = None
+        self.state = "starting"
+        self.boots = 0
+        self.reboots: list[str] = []  # why each restart happened, for tests and the log
+        self._faults = faults
+        self._rng = random.Random(f"canopy-sim:{sup.cfg.seed}:{nid}:serial")
+        self._pub = -1
+        self._inner = -1
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc_started = 0.0
+        self._quick_exits = 0
+        self._mode = "friendly"  # REPL mode, tracked from the node's output
+        self._tail = b""
+        self._last = b""
+        self._restart_at: float | None = None
+        self._next_boot = ("hard", b"")
+        self._kill_reason: tuple[str, float] | None = None
+        self._pending = b""
+        self._events: list[tuple[float, str, float, float]] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sim-{nid}", daemon=True)
+
+    # -- public ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        return self._ready.wait(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "zone": self.zone,
+            "port": self.port,
+            "serial_number": self.serial_number,
+            "pid": self.pid,
+            "state": self.state,
+            "boots": self.boots,
+            "folder": str(self.folder),
+            "board": self.sim.get("board"),
+        }
+
+    # -- relay thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        for f in self._faults:
+            dur = f.duration_s if f.duration_s is not None else DEFAULT_DURATION_S[f.kind]
+            value = f.value if f.value is not None else DEFAULT_VALUE.get(f.kind, 0)
+            self._events.append((t0 + self.sup.cfg.wall_s(f.at_s), f.kind, self.sup.cfg.wall_s(dur), float(value)))
+        self._events.sort()
+        try:
+            self._open_public()
+            self._start_process("hard", b"")
+            self._ready.set()
+            while not self._stop.is_set():
+                self._loop_once()
+        except Exception as exc:  # never leave a half-dead node without saying why
+            self.sup.message(f"{self.node_id}: relay failed: {exc!r}")
+            self.state = "failed"
+        finally:
+            self._ready.set()
+            self._shutdown()
+
+    def _loop_once(self) -> None:
+        now = time.monotonic()
+        while self._events and self._events[0][0] <= now:
+            _, kind, dur, value = self._events.pop(0)
+            self._fault(kind, dur, value, now)
+        if self._proc is None and self._restart_at is not None and now >= self._restart_at:
+            mode, banner = self._next_boot
+            self._restart_at = None
+            self._start_process(mode, banner)
+        poller = select.poll()
+        if self._inner >= 0:
+            poller.register(self._inner, select.POLLIN)
+        if self._client_connected():
+            poller.register(self._pub, select.POLLIN)
+        for fd, _ in poller.poll(POLL_MS):
+            if fd == self._inner:
+                self._from_node()
+            elif fd == self._pub:
+                self._from_host()
+
+    def _client_connected(self) -> bool:
+        # The master side of a pty reports POLLHUP while no one has the device open;
+        # output written then is dropped, like a board printing into an unplugged USB port.
+        if self._pub < 0:
+            return False
+        p = select.poll()
+        p.register(self._pub, select.POLLIN)
+        return not any(ev & select.POLLHUP for _, ev in p.poll(0))
+
+    def _from_node(self) -> None:
+        try:
+            data = os.read(self._inner, 4096)
+        except OSError:  # EIO: the process closed its terminal, i.e. exited
+            data = b""
+        if not data:
+            self._process_exited()
+            return
+        self._to_host(self._translate(data))
+
+    def _translate(self, data: bytes) -> bytes:
+        buf = self._tail + data
+        raw_at, friendly_at = buf.rfind(RAW_PROMPT), buf.rfind(FRIENDLY_BANNER)
+        start_mode = self._mode
+        if raw_at > friendly_at:
+            self._mode = "raw"
+        elif friendly_at > raw_at:
+            self._mode = "friendly"
+        self._tail = buf[-64:]
+        if start_mode == "friendly":
+            # The unix port prints "\n" where the chip prints "\r\n"; the raw REPL is
+            # left byte-exact (raw-paste window sizes and mpremote's mount protocol are binary).
+            prefix = b"\r" if self._last == b"\r" else b""
+            data = _LONE_LF.sub(b"\r\n", prefix + data)[len(prefix):]
+        self._last = data[-1:]
+        return data
+
+    def _to_host(self, data: bytes) -> None:
+        if not data or not self._client_connected():
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._pub, view)
+            except (BlockingIOError, OSError):
+                return  # host not reading: drop, as a UART would
+            view = view[n:]
+
+    def _from_host(self) -> None:
+        try:
+            data = os.read(self._pub, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        if self._inner < 0:
+            # Held for the restarted process, like bytes waiting in a UART FIFO while
+            # the chip soft-resets (mpremote may type ahead); dropped on a power cut.
+            self._pending = (self._pending + data)[-PENDING_MAX:]
+            return
+        self._write_node(data)
+
+    def _write_node(self, data: bytes) -> None:
+        deadline = time.monotonic() + 2.0
+        view = memoryview(data)
+        while view and time.monotonic() < deadline:
+            try:
+                view = view[os.write(self._inner, view):]
+            except BlockingIOError:
+                time.sleep(0.005)
+            except OSError:
+                return
+
+    # -- process lifecycle ----------------------------------------------------------------
+
+    def _start_process(self, mode: str, banner: bytes) -> None:
+        if banner:
+            self._to_host(banner)
+        master, slave = os.openpty()
+        try:
+            _configure_inner_tty(slave)
+            cfg = self.sup.cfg
+            cmd = list(micropython_command())
+            if cfg.heapsize:
+                cmd += ["-X", f"heapsize={cfg.heapsize}"]
+            cmd += ["-i", str(BOOT_SHIM)]
+            env = dict(os.environ)
+            env["MICROPYPATH"] = f"{self.folder}:{FIRMWARE_DIR}"
+            env["CANOPY_SIM_BOOT"] = mode
+            self._proc = subprocess.Popen(
+                cmd, stdin=slave, stdout=slave, stderr=slave, cwd=self.folder, env=env,
+                close_fds=True, preexec_fn=_become_tty_session,
+            )
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        os.set_blocking(master, False)
+        if mode == "raw":
+            # Queued before the REPL starts, so it comes up in the raw REPL (mpremote's
+            # soft reset waits for "raw REPL; CTRL-B to exit" without sending anything).
+            os.write(master, b"\x01")
+        self._inner = master
+        pending, self._pending = self._pending, b""
+        if pending:
+            self._write_node(pending)
+        self._mode = "raw" if mode == "raw" else "friendly"
+        self._tail = self._last = b""  # the old process's prompts say nothing about this one
+        self._proc_started = time.monotonic()
+        self.pid = self._proc.pid
+        self.boots += 1
+        self.state = "running" if self._pub >= 0 else "disconnected"
+        self.sup.node_changed(self)
+
+    def _process_exited(self) -> None:
+        if self._inner >= 0:
+            os.close(self._inner)
+            self._inner = -1
+        proc, self._proc = self._proc, None
+        rc = self._reap(proc)
+        self.pid = None
+        if self._stop.is_set():
+            return
+        now = time.monotonic()
+        quick = now - self._proc_started < 1.0 and rc != 0 and self._kill_reason is None
+        self._quick_exits = self._quick_exits + 1 if quick else 0
+        # A node that crashes straight after boot would otherwise spin the CPU (a boot loop);
+        # soft reboots (Ctrl-D) restart at once because mpremote is waiting for them.
+        delay = min(5.0, 0.5 * self._quick_exits)
+        if self._kill_reason is not None:
+            why, downtime = self._kill_reason
+            self._kill_reason = None
+            self._pending = b""
+            self._next_boot = ("hard", b"\r\nrst:0x1 (POWERON_RESET) virtual node %s: %s\r\n" % (self.node_id.encode(), why.encode()))
+            delay = max(delay, downtime)
+            self.reboots.append(why)
+        elif rc == 0:
+            self._next_boot = ("raw" if self._mode == "raw" else "soft", SOFT_REBOOT)
+            self.reboots.append("soft-raw" if self._mode == "raw" else "soft")
+        else:
+            cause = "machine.reset()" if rc == RESET_STATUS else f"crash, exit status {rc}"
+            self._next_boot = ("hard", b"\r\nrst:0xc (SW_CPU_RESET) virtual node %s: %s\r\n" % (self.node_id.encode(), cause.encode()))
+            self.reboots.append("reset" if rc == RESET_STATUS else f"crash:{rc}")
+        self._restart_at = now + delay
+        self.state = "rebooting"
+        self.sup.node_changed(self)
+
+    @staticmethod
+    def _reap(proc: subprocess.Popen[bytes] | None) -> int | None:
+        if proc is None:
+            return None
+        try:
+            return proc.wait(2)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
+    def _kill(self, why: str, downtime: float) -> None:
+        if self._proc is None:
+            return
+        self._kill_reason = (why, downtime)
+        _kill_group(self._proc.pid, signal.SIGKILL)
+
+    # -- public pty and serial faults -----------------------------------------------------
+
+    def _open_public(self) -> None:
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        self.port = os.ttyname(slave)
+        os.close(slave)
+        os.set_blocking(master, False)
+        self._pub = master
+
+    def _close_public(self) -> None:
+        if self._pub >= 0:
+            os.close(self._pub)  # the /dev/pts entry disappears; open handles get EIO
+            self._pub = -1
+        self.port = None
+
+    def _fault(self, kind: str, dur: float, value: float, now: float) -> None:
+        if kind == "disconnect":
+            self._close_public()
+            self.state = "disconnected"
+            self.sup.node_changed(self, f"{self.node_id}: unplugged (back in {dur:.1f} s)")
+            self._events.append((now + dur, "reconnect", 0.0, 0.0))
+            self._events.sort()
+        elif kind == "reconnect":
+            self._open_public()
+            self.state = "running" if self._proc is not None else "rebooting"
+            self.sup.node_changed(self, f"{self.node_id}: plugged in again at {self.port}")
+        elif kind == "reboot":
+            self.sup.message(f"{self.node_id}: reboot (fault injection)")
+            self._kill("reboot fault", dur)
+        elif kind == "garbage":
+            self._to_host(self._rng.randbytes(max(1, int(value))))
+            if dur > 0:
+                # Repeats until the window closes; the remaining window travels with the event.
+                if dur > GARBAGE_REPEAT_S:
+                    self._events.append((now + GARBAGE_REPEAT_S, "garbage", dur - GARBAGE_REPEAT_S, value))
+                    self._events.sort()
+
+    def _shutdown(self) -> None:
+        if self._proc is not None:
+            _kill_group(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(1.0)
+            except subprocess.TimeoutExpired:
+                _kill_group(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+            self._proc = None
+        if self._inner >= 0:
+            os.close(self._inner)
+            self._inner = -1
+        self._close_public()
+        self.pid = None
+        self.state = "stopped"
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    # Each node is its own session and process group (pgid == pid), so this reaches
+    # anything it spawned and nothing else.
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Supervisor:
+    """Starts, restarts and stops the virtual nodes; keeps the state file current."""
+
+    def __init__(self, cfg: SimConfig, on_message: Callable[[str], None] | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.nodes: list[VirtualNode] = []
+        self._on_message = on_message
+        self._lock = threading.Lock()
+        self._started = False
+
+    def message(self, text: str) -> None:
+        if self._on_message:
+            self._on_message(text)
+
+    def node(self, nid: str) -> VirtualNode:
+        for n in self.nodes:
+            if n.node_id == nid:
+                return n
+        raise KeyError(nid)
+
+    def start(self) -> None:
+        micropython_command()  # fail early, with the install hint, if the unix port is missing
+        self._check_not_running()
+        cfg = self.cfg
+        cfg.directory.mkdir(parents=True, exist_ok=True)
+        for i in range(1, cfg.nodes + 1):
+            nid = node_id(i, cfg.nodes)
+            zone = zone_name((i - 1) % cfg.zones)
+            folder = (cfg.directory / nid).resolve()
+            if cfg.fresh and folder.is_dir():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            mine = [f for f in cfg.faults if f.node in (nid, "all")]
+            sim = {
+                "node_id": nid,
+                "zone": zone,
+                "seed": derived_seed(cfg.seed, "node", nid),
+                "zone_seed": derived_seed(cfg.seed, "zone", zone),
+                "speed": cfg.speed,
+                "weather": cfg.weather,
+                "board": cfg.board,
+                "serial_number": usb_serial_number(nid),
+                "faults": [f.sim_json() for f in mine if f.kind in SENSOR_FAULTS],
+            }
+            (folder / "sim.json").write_text(json.dumps(sim, indent=1) + "\n")
+            self.nodes.append(VirtualNode(self, nid, zone, folder, sim,
+                                          [f for f in mine if f.kind in SERIAL_FAULTS]))
+        self._started = True
+        for n in self.nodes:
+            n.start()
+        for n in self.nodes:
+            n.wait_ready()
+        self.write_state()
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n._stop.set()
+        for n in self.nodes:
+            n.stop()
+        if self._started:
+            self.write_state(running=False)
+            self._started = False
+
+    def __enter__(self) -> Supervisor:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def node_changed(self, node: VirtualNode, text: str | None = None) -> None:
+        if self._started:
+            self.write_state()
+        if text:
+            self.message(text)
+
+    def state(self, running: bool = True) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "version": 1,
+            "supervisor_pid": os.getpid() if running else None,
+            "running": running,
+            "directory": str(cfg.directory.resolve()),
+            "seed": cfg.seed,
+            "speed": cfg.speed,
+            "weather": cfg.weather,
+            "zones": cfg.zones,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "nodes": [n.info() for n in self.nodes],
+        }
+
+    def write_state(self, running: bool = True) -> None:
+        path = self.cfg.state_path
+        with self._lock:
+            data = json.dumps(self.state(running), indent=1) + "\n"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(data)
+            os.replace(tmp, path)  # readers never see a half-written file
+
+    def _check_not_running(self) -> None:
+        try:
+            old = json.loads(self.cfg.state_path.read_text())
+            pid = int(old.get("supervisor_pid") or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return
+        if pid and pid != os.getpid() and old.get("running"):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                pass
+            raise CanopyError(
+                f"another `canopy sim` (pid {pid}) is already running in {self.cfg.directory}; "
+                "stop it first or use a different --dir"
+            )
+
+    def run(self, duration: float | None = None) -> None:
+        """Block until `duration` wall seconds pass (None: until KeyboardInterrupt)."""
+        end = None if duration is None else time.monotonic() + duration
+        while end is None or time.monotonic() < end:
+            time.sleep(0.2 if end is None else max(0.0, min(0.2, end - time.monotonic())))
+            if all(n.state == "failed" for n in self.nodes):
+                raise CanopyError("every virtual node's relay failed; see the messages above")
