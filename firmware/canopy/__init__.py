@@ -1,0 +1,1 @@
+"""Canopy node firmware: sensor driver, conditioning, control loops and the serial link."""

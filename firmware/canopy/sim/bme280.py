@@ -1,0 +1,411 @@
+"""Register-level model of a Bosch BME280 on a `SimI2C` bus (unix port and CPython).
+
+Physical values go in with `set_environment(t_c, p_pa, h_pct)`; the model turns them into
+raw ADC counts by inverting the chip's own integer compensation (bisection on the
+monotonic formulas, with this sensor's calibration), so a correct driver reads back the
+environment within one quantisation step. Measurements run like the chip's forced mode:
+a ctrl_meas write starts one, the status measuring bit stays set until it is done, then
+the data registers 0xF7..0xFE are latched and the mode bits fall back to sleep.
+
+Fault injection: `stuck` (data registers freeze), `offset_t_c` and `drift_t_c_per_s`
+(temperature error; drift accumulates on `clock_ms`), `spike(delta_t_c)` (next latched
+measurement only), `present = False` (gone from the bus: every access raises ENODEV),
+`chip_id = 0x58` (a BMP280 answers instead). `busy_polls = n` makes the next measurements
+report "measuring" on n status reads, to check that drivers wait for the data.
+
+Completing a measurement allocates nothing on the unix port (small ints only), so a node
+tick that triggers one can run under `micropython.heap_lock()`; `set_environment`,
+`spike` and the fault setters allocate and belong outside the tick.
+
+Usage::
+
+    from canopy.sim.i2c import SimI2C
+    from canopy.sim.bme280 import SimBME280
+    sensor = SimBME280(clock_ms=world.clock_ms)
+    bus = SimI2C(); bus.attach(0x76, sensor)
+    sensor.set_environment(24.5, 100800.0, 61.0)
+"""
+
+try:
+    from time import ticks_ms as _wall_ms
+except ImportError:  # CPython
+    import time as _time
+
+    def _wall_ms():
+        return int(_time.monotonic() * 1000)
+
+
+# Datasheet example temperature/pressure calibration (BMP280/BME280 worked example) and
+# humidity constants typical of real parts.
+DEFAULT_CALIBRATION = {
+    "T1": 27504, "T2": 26435, "T3": -1000,
+    "P1": 36477, "P2": -10685, "P3": 3024, "P4": 2855, "P5": 140, "P6": -7,
+    "P7": 15500, "P8": -14600, "P9": 6000,
+    "H1": 75, "H2": 362, "H3": 0, "H4": 313, "H5": 50, "H6": 30,
+}
+
+# name -> (min, max) of the register field
+_FIELDS = {
+    "T1": (0, 65535), "T2": (-32768, 32767), "T3": (-32768, 32767),
+    "P1": (0, 65535), "P2": (-32768, 32767), "P3": (-32768, 32767), "P4": (-32768, 32767),
+    "P5": (-32768, 32767), "P6": (-32768, 32767), "P7": (-32768, 32767),
+    "P8": (-32768, 32767), "P9": (-32768, 32767),
+    "H1": (0, 255), "H2": (-32768, 32767), "H3": (0, 255),
+    "H4": (-2048, 2047), "H5": (-2048, 2047), "H6": (-128, 127),
+}
+
+CHIP_ID = 0x60
+_REG_CHIP_ID = 0xD0
+_REG_RESET = 0xE0
+_REG_CTRL_HUM = 0xF2
+_REG_STATUS = 0xF3
+_REG_CTRL_MEAS = 0xF4
+_REG_CONFIG = 0xF5
+_REG_DATA = 0xF7
+_REG_DATA_END = 0xFE
+_MEASURING = 0x08
+_SKIPPED_20 = 0x80000  # what the data registers hold for a skipped (osrs = 0) channel
+_SKIPPED_16 = 0x8000
+_TF_PER_C = 5120  # t_fine units per degC
+
+
+def _oversampling(field):
+    osrs = field & 7
+    return 0 if osrs == 0 else 1 << ((osrs if osrs < 5 else 5) - 1)
+
+
+class SimBME280:
+    def __init__(self, calibration=None, clock_ms=None):
+        cal = dict(DEFAULT_CALIBRATION)
+        if calibration:
+            for k, v in calibration.items():
+                if k not in _FIELDS:
+                    raise ValueError("unknown calibration field %r (expected T1..T3, P1..P9, H1..H6)" % (k,))
+                lo, hi = _FIELDS[k]
+                if not isinstance(v, int) or v < lo or v > hi:
+                    raise ValueError("calibration %s must be an int in %d..%d, got %r" % (k, lo, hi, v))
+                cal[k] = v
+        self.calibration = cal
+        self._c = [cal[k] for k in ("T1", "T2", "T3", "P1", "P2", "P3", "P4", "P5", "P6",
+                                    "P7", "P8", "P9", "H1", "H2", "H3", "H4", "H5", "H6")]
+        self._clock = clock_ms
+        self.present = True
+        self.chip_id = CHIP_ID
+        self.stuck = False
+        self.busy_polls = 0
+        self.measurements = 0
+        self.status_reads = 0
+        self.data_reads_while_measuring = 0
+        self._regs = bytearray(256)
+        self._pack_calibration()
+        self._offset_c = 0.0
+        self._offset_tf = 0
+        self._drift_c = 0.0
+        self._drift_mtf = 0  # t_fine units per 1000 s
+        self._drift_acc_tf = 0
+        self._drift_t0 = 0
+        self._spike_tf = 0
+        self._env_tf = 0
+        self._adc_t = self._adc_t_eff = self._adc_p = self._adc_h = 0
+        self._reset()
+        self.set_environment(25.0, 101325.0, 50.0)
+
+    # -- calibration and compensation (plain ints: exact in the kernel's domain) ----------
+
+    def _pack_calibration(self):
+        r = self._regs
+        c = self.calibration
+        for i, k in enumerate(("T1", "T2", "T3", "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")):
+            v = c[k] & 0xFFFF
+            r[0x88 + 2 * i] = v & 0xFF
+            r[0x89 + 2 * i] = v >> 8
+        r[0xA1] = c["H1"]
+        h2 = c["H2"] & 0xFFFF
+        r[0xE1] = h2 & 0xFF
+        r[0xE2] = h2 >> 8
+        r[0xE3] = c["H3"]
+        h4 = c["H4"] & 0xFFF
+        h5 = c["H5"] & 0xFFF
+        r[0xE4] = h4 >> 4
+        r[0xE5] = (h4 & 0x0F) | ((h5 & 0x0F) << 4)
+        r[0xE6] = h5 >> 4
+        r[0xE7] = c["H6"] & 0xFF
+
+    def _tf(self, adc_t):
+        c = self._c
+        var1 = (((adc_t >> 3) - (c[0] << 1)) * c[1]) >> 11
+        d = (adc_t >> 4) - c[0]
+        return var1 + ((((d * d) >> 12) * c[2]) >> 14)
+
+    def _pres(self, adc_p, tf):
+        c = self._c
+        var1 = (tf >> 1) - 64000
+        q = (var1 >> 2) * (var1 >> 2)
+        var2 = (q >> 11) * c[8] + ((var1 * c[7]) << 1)
+        var2 = (var2 >> 2) + (c[6] << 16)
+        var1 = (((c[5] * (q >> 13)) >> 3) + ((c[4] * var1) >> 1)) >> 18
+        var1 = ((32768 + var1) * c[3]) >> 15
+        if var1 <= 0:
+            return 0
+        diff = (1048576 - adc_p) - (var2 >> 12)
+        if diff <= 687194:
+            p = (diff * 6250) // var1
+        else:
+            p = ((diff * 3125) // var1) * 2
+        var1 = (c[11] * (((p >> 3) * (p >> 3)) >> 13)) >> 12
+        var2 = ((p >> 2) * c[10]) >> 13
+        return p + ((var1 + var2 + c[9]) >> 4)
+
+    def _hum(self, adc_h, tf):
+        c = self._c
+        v = tf - 76800
+        left = ((adc_h << 14) - (c[15] << 20) - (c[16] * v) + 16384) >> 15
+        right = ((((((v * c[17]) >> 10) * (((v * c[14]) >> 11) + 32768)) >> 10) + 2097152) * c[13] + 8192) >> 14
+        v = left * right
+        v = v - (((((v >> 15) * (v >> 15)) >> 7) * c[12]) >> 4)
+        v = 0 if v < 0 else (419430400 if v > 419430400 else v)
+        return v >> 12
+
+    def _invert_t(self, target_tf):
+        # t_fine rises with adc_T: smallest adc reaching the target, or its neighbour below.
+        lo = 0
+        hi = 0xFFFFF
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self._tf(mid) < target_tf:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo > 0 and target_tf - self._tf(lo - 1) < self._tf(lo) - target_tf:
+            lo -= 1
+        return lo
+
+    def _invert_p(self, target_pa, tf):
+        # pressure falls as adc_P rises
+        lo = 0
+        hi = 0xFFFFF
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self._pres(mid, tf) > target_pa:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo > 0 and self._pres(lo - 1, tf) - target_pa < target_pa - self._pres(lo, tf):
+            lo -= 1
+        return lo
+
+    def _invert_h(self, target, tf):
+        lo = 0
+        hi = 0xFFFF
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self._hum(mid, tf) < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo > 0 and target - self._hum(lo - 1, tf) < self._hum(lo, tf) - target:
+            lo -= 1
+        return lo
+
+    # -- environment and faults (call outside the control tick: these allocate) ------------
+
+    def set_environment(self, t_c, p_pa, h_pct):
+        """Physical truth for the next measurements: degC, Pa, %RH (floats)."""
+        self.t_c = t_c
+        self.p_pa = p_pa
+        self.h_pct = h_pct
+        self._env_tf = int(round(t_c * _TF_PER_C))
+        adc_t = self._invert_t(self._env_tf)
+        tf = self._tf(adc_t)  # P and H raw values follow the true temperature
+        self._adc_t = adc_t
+        self._adc_p = self._invert_p(p_pa, tf)
+        self._adc_h = self._invert_h(h_pct * 1024, tf)
+        self._refresh_t()
+
+    def set_raw(self, adc_t, adc_p, adc_h):
+        """Bypass the physics: the next measurements latch these raw ADC counts."""
+        self._adc_t = adc_t
+        self._adc_p = adc_p
+        self._adc_h = adc_h
+        self._env_tf = self._tf(adc_t)
+        self._refresh_t()
+
+    def _refresh_t(self):
+        self._adc_t_eff = self._invert_t(self._env_tf + self._offset_tf) if self._offset_tf else self._adc_t
+
+    @property
+    def offset_t_c(self):
+        return self._offset_c
+
+    @offset_t_c.setter
+    def offset_t_c(self, value):
+        self._offset_c = value
+        tf = int(round(value * _TF_PER_C))
+        if tf != self._offset_tf:
+            self._offset_tf = tf
+            self._refresh_t()
+
+    @property
+    def drift_t_c_per_s(self):
+        return self._drift_c
+
+    @drift_t_c_per_s.setter
+    def drift_t_c_per_s(self, value):
+        now = self._now()
+        self._drift_acc_tf = self._drift_tf(now)  # keep what has drifted so far
+        self._drift_t0 = now
+        self._drift_c = value
+        self._drift_mtf = int(round(value * _TF_PER_C * 1000))
+
+    def reset_drift(self):
+        """Forget accumulated drift (a recalibrated sensor)."""
+        self._drift_acc_tf = 0
+        self._drift_t0 = self._now()
+
+    def spike(self, delta_t_c):
+        """The next latched measurement reads `delta_t_c` too hot (or cold); then normal."""
+        self._spike_tf = int(round(delta_t_c * _TF_PER_C))
+
+    def _now(self):
+        return self._clock() if self._clock is not None else _wall_ms()
+
+    def _drift_tf(self, now):
+        return self._drift_acc_tf + self._drift_mtf * (now - self._drift_t0) // 1000000
+
+    # -- register interface (SimI2C) ----------------------------------------------------
+
+    def _reset(self):
+        r = self._regs
+        for reg in (_REG_CTRL_HUM, _REG_STATUS, _REG_CTRL_MEAS, _REG_CONFIG):
+            r[reg] = 0
+        for reg in range(_REG_DATA, _REG_DATA_END + 1):
+            r[reg] = 0
+        r[0xF7] = r[0xFA] = r[0xFD] = 0x80  # datasheet reset values of the data registers
+        self._osrs_h = 0
+        self._measuring = False
+        self._polls_left = 0
+        self._t0 = 0
+        self._dur = 0
+        self._iir_t = self._iir_p = -1
+
+    def read_reg(self, reg):
+        if self._measuring:
+            self._update()
+        if reg == _REG_CHIP_ID:
+            return self.chip_id
+        if reg == _REG_STATUS:
+            self.status_reads += 1
+            if self._measuring:
+                if self._polls_left > 0:
+                    self._polls_left -= 1
+                return _MEASURING
+            return 0
+        if _REG_DATA <= reg <= _REG_DATA_END:
+            if self._measuring:
+                self.data_reads_while_measuring += 1
+            elif reg == _REG_DATA and self._regs[_REG_CTRL_MEAS] & 3 == 3 and self._clock is None:
+                self._latch()  # normal mode without a clock: every burst sees a new sample
+        return self._regs[reg]
+
+    def write_reg(self, reg, value):
+        r = self._regs
+        if reg == _REG_RESET:
+            if value == 0xB6:
+                self._reset()
+        elif reg == _REG_CTRL_HUM:
+            r[reg] = value & 0x07  # latched into the measurement only by a ctrl_meas write
+        elif reg == _REG_CONFIG:
+            if (value ^ r[reg]) & 0x1C:
+                self._iir_t = self._iir_p = -1
+            r[reg] = value
+        elif reg == _REG_CTRL_MEAS:
+            r[reg] = value
+            self._osrs_h = r[_REG_CTRL_HUM]
+            if value & 3:
+                self._start()
+            else:
+                self._measuring = False
+
+    def _start(self):
+        r = self._regs
+        n = _oversampling(r[_REG_CTRL_MEAS] >> 5) + _oversampling(r[_REG_CTRL_MEAS] >> 2)
+        n += _oversampling(self._osrs_h)
+        # datasheet 9.1 typical conversion time: 1 + 2 * sum(oversampling) (+0.5 per P/H) ms
+        self._dur = 1 + 2 * n + 1
+        self._t0 = self._now() if self._clock is not None else 0
+        self._polls_left = self.busy_polls
+        self._measuring = True
+        if self._polls_left == 0 and self._clock is None:
+            self._complete()
+
+    def _update(self):
+        if self._polls_left > 0:
+            return
+        if self._clock is not None and self._clock() - self._t0 < self._dur:
+            return
+        self._complete()
+
+    def _complete(self):
+        r = self._regs
+        self._measuring = False
+        if r[_REG_CTRL_MEAS] & 3 != 3:
+            r[_REG_CTRL_MEAS] &= 0xFC  # forced mode falls back to sleep
+        elif self._clock is not None:
+            self._t0 += self._dur  # normal mode: the next conversion follows
+            self._polls_left = self.busy_polls
+            self._measuring = True
+        self.measurements += 1
+        self._latch()
+
+    def _latch(self):
+        if self.stuck:
+            return
+        r = self._regs
+        adc_t = self._adc_t_eff
+        extra = self._spike_tf
+        if self._drift_mtf or self._drift_acc_tf:
+            extra += self._drift_tf(self._now())
+        if extra:
+            adc_t = self._invert_t(self._env_tf + self._offset_tf + extra)
+        self._spike_tf = 0
+        adc_p = self._adc_p
+        coef = (r[_REG_CONFIG] >> 2) & 7
+        if coef:
+            # IIR filter (datasheet 3.4.4) on T and P: out = (old * (c - 1) + new) / c
+            c = 1 << (coef if coef < 4 else 4)
+            self._iir_t = adc_t if self._iir_t < 0 else (self._iir_t * (c - 1) + adc_t) // c
+            self._iir_p = adc_p if self._iir_p < 0 else (self._iir_p * (c - 1) + adc_p) // c
+            adc_t = self._iir_t
+            adc_p = self._iir_p
+        osrs_t = (r[_REG_CTRL_MEAS] >> 5) & 7
+        osrs_p = (r[_REG_CTRL_MEAS] >> 2) & 7
+        adc_t = self._resolution(adc_t, osrs_t, coef)
+        adc_p = self._resolution(adc_p, osrs_p, coef)
+        adc_h = self._adc_h if self._osrs_h else _SKIPPED_16
+        r[0xF7] = adc_p >> 12
+        r[0xF8] = (adc_p >> 4) & 0xFF
+        r[0xF9] = (adc_p & 0x0F) << 4
+        r[0xFA] = adc_t >> 12
+        r[0xFB] = (adc_t >> 4) & 0xFF
+        r[0xFC] = (adc_t & 0x0F) << 4
+        r[0xFD] = adc_h >> 8
+        r[0xFE] = adc_h & 0xFF
+
+    @staticmethod
+    def _resolution(adc, osrs, coef):
+        if not osrs:
+            return _SKIPPED_20
+        if coef:
+            return adc  # with the filter on, all 20 bits are significant
+        # without the filter, resolution is 16 + (osrs - 1) bits (datasheet 3.4.2/3.4.3)
+        drop = 5 - (osrs if osrs < 5 else 5)
+        return (adc >> drop) << drop
+
+    def latched(self):
+        """(adc_T, adc_P, adc_H) currently in the data registers."""
+        r = self._regs
+        return (
+            (r[0xFA] << 12) | (r[0xFB] << 4) | (r[0xFC] >> 4),
+            (r[0xF7] << 12) | (r[0xF8] << 4) | (r[0xF9] >> 4),
+            (r[0xFD] << 8) | r[0xFE],
+        )

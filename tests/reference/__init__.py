@@ -1,0 +1,1 @@
+"""Independent reference implementations the tests compare firmware against."""
