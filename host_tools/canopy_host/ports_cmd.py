@@ -50,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
             serial += " (shared default)"
         boards = ", ".join(b.name for b in p.boards) or "-"
         table.add_row(p.device, p.usb_id, serial, p.bridge or "-", boards, p.node_id or "-")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped: never cut device names to fit 80 columns
+    console.print(table)
     if any(p.serial_is_generic and p.serial_number for p in ports):
         print("note: some bridges report a shared factory serial number; nodes on them are told apart by USB port.", file=sys.stderr)
     return 0

@@ -80,6 +80,7 @@ class FakeEsp:
         self.device = FakeEspDevice(config or FakeConfig())
         self.pace = pace
         self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
         self.port = self._listener.getsockname()[1]
         self.url = f"socket://127.0.0.1:{self.port}"
         self._stop = threading.Event()
@@ -110,7 +111,6 @@ class FakeEsp:
         self.close()
 
     def _serve(self) -> None:
-        self._listener.settimeout(0.1)
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
