@@ -190,14 +190,14 @@ class Encoder:
             j -= 1
         self.n = n
 
-    def _str(self, s):
+    def _str(self, s, cap=MAX_STR):
         if isinstance(s, str):
             s = s.encode()
         buf = self.buf
         n = self.n
         k = 0
         for c in s:
-            if k >= MAX_STR or n >= MAX_FRAME + 20:
+            if k >= cap or n >= MAX_FRAME + 20:
                 break
             buf[n] = c if _safe_byte(c) else 95  # '_'
             n += 1
@@ -229,6 +229,12 @@ class Encoder:
         self._put(key)
         self._byte(61)  # '='
         self._value(value)
+
+    def _kvs(self, key, value, cap):
+        self._byte(_SP)
+        self._put(key)
+        self._byte(61)
+        self._str(value if isinstance(value, (str, bytes, bytearray)) else str(value), cap)
 
     def _finish(self):
         n = self.n
@@ -269,12 +275,13 @@ class Encoder:
         return self._finish()
 
     def hello(self, board, fw_version, fw_hash, cfg_version, cfg_digest):
+        # Caps keep the worst case (16-char node id, 10-digit boot/seq/version) at 240 bytes.
         self._begin(72)  # 'H'
-        self._kv(b"board", board)
-        self._kv(b"fw_version", fw_version)
-        self._kv(b"fw_hash", fw_hash)
+        self._kvs(b"board", board, 24)
+        self._kvs(b"fw_version", fw_version, 16)
+        self._kvs(b"fw_hash", fw_hash, 16)
         self._kv(b"cfg_version", cfg_version)
-        self._kv(b"cfg_digest", cfg_digest)
+        self._kvs(b"cfg_digest", cfg_digest, 64)
         return self._finish()
 
     def event(self, code, arg):

@@ -70,13 +70,13 @@ class _Malformed(Exception):
     pass
 
 
-def _value(key: str, v: bytes) -> object:
-    if key not in STRING_KEYS and _INT_RE.match(v):
+def _value(key: str, v: bytes, string_keys: frozenset[str]) -> object:
+    if key not in string_keys and _INT_RE.match(v):
         return int(v)
     return v.decode("ascii")
 
 
-def _kv_fields(tokens: list[bytes]) -> dict[str, object]:
+def _kv_fields(tokens: list[bytes], string_keys: frozenset[str] = STRING_KEYS) -> dict[str, object]:
     out: dict[str, object] = {}
     for t in tokens:
         k, eq, v = t.partition(b"=")
@@ -85,7 +85,7 @@ def _kv_fields(tokens: list[bytes]) -> dict[str, object]:
         key = k.decode("ascii")
         if key in out:
             raise _Malformed
-        out[key] = _value(key, v)
+        out[key] = _value(key, v, string_keys)
     return out
 
 
@@ -145,7 +145,8 @@ def parse_line(line: bytes) -> Frame:
                 if not _TAG_RE.match(rest[-1]):
                     raise _Malformed
                 tag = rest.pop()[1:].decode("ascii")
-            fields = {"cmd": cmd, "args": _kv_fields(rest)}
+            # command arguments are typed by their text alone, as the node parses them
+            fields = {"cmd": cmd, "args": _kv_fields(rest, frozenset())}
             if tag is not None:
                 fields["tag"] = tag
         else:
