@@ -418,6 +418,36 @@ def _fake_micropython() -> types.ModuleType:
     return mp
 
 
+def _fake_time() -> types.ModuleType:
+    """CPython's time plus the MicroPython ms/us helpers firmware modules import."""
+    import time as _t
+
+    mt = types.ModuleType("time")
+    mt.__dict__.update({k: getattr(_t, k) for k in dir(_t) if not k.startswith("__")})
+    mt.sleep_ms = lambda ms: None  # type: ignore[attr-defined]
+    mt.sleep_us = lambda us: None  # type: ignore[attr-defined]
+    mt.ticks_ms = lambda: int(_t.monotonic() * 1000) & 0x3FFFFFFF  # type: ignore[attr-defined]
+    mt.ticks_us = lambda: int(_t.monotonic() * 1_000_000) & 0x3FFFFFFF  # type: ignore[attr-defined]
+    mt.ticks_add = lambda a, b: (a + b) & 0x3FFFFFFF  # type: ignore[attr-defined]
+    mt.ticks_diff = lambda a, b: ((a - b + 0x20000000) & 0x3FFFFFFF) - 0x20000000  # type: ignore[attr-defined]
+    return mt
+
+
+def _builtins_for_firmware() -> dict[str, Any]:
+    """Builtins whose __import__ serves MicroPython-only modules to the loaded module."""
+    fakes = {"micropython": _fake_micropython(), "time": _fake_time(), "utime": _fake_time()}
+    real_import = builtins.__import__
+
+    def _import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
+        if level == 0 and name in fakes:
+            return fakes[name]
+        return real_import(name, globals, locals, fromlist, level)
+
+    b = dict(builtins.__dict__)
+    b["__import__"] = _import
+    return b
+
+
 def _module_consts(tree: ast.Module) -> dict[str, int]:
     consts: dict[str, int] = {}
     for node in tree.body:
@@ -515,7 +545,7 @@ def load(
         "__file__": str(path),
         "__vshim": shim,
         "const": lambda x: x,
-        "__builtins__": builtins,
+        "__builtins__": _builtins_for_firmware(),
     }
     code = compile(tree, str(path), "exec")
     saved_mp = sys.modules.get("micropython")
