@@ -228,3 +228,23 @@ def test_tick_path_allocates_nothing_on_small_heap() -> None:
     # Conditioner, SensorHealth, Controller and failsafe, under heap_lock with 64 KiB.
     [res] = port("port_alloc_free", [[512]], heapsize="64k")
     assert res[0] == "ok", res
+
+
+def test_bench_inputs_exercise_the_common_path() -> None:
+    from canopy_host.unixport import run_code
+
+    proc = run_code(
+        "from kernels_bench_inputs import condition_args, control_args, health_args\n"
+        "from canopy.condition import condition_kernel\n"
+        "from canopy.control import control_kernel\n"
+        "from canopy.health import health_kernel\n"
+        "a = condition_args(); condition_kernel(*a); print(list(a[4]))\n"
+        "a = control_args(); control_kernel(*a); print(list(a[3]))\n"
+        "print(health_kernel(*health_args()))\n",
+        extra_path=[MPY_DIR],
+    )
+    assert proc.returncode == 0, proc.stderr
+    cond, ctl, health = proc.stdout.splitlines()
+    assert cond == "[2512, 101325, 51200]"  # spikes rejected, state settled
+    assert all(0 < v < 10000 for v in eval(ctl))  # every loop in its linear range
+    assert health == "0"
