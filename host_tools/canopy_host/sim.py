@@ -513,9 +513,10 @@ class VirtualNode:
 
     def _fault(self, kind: str, dur: float, value: float, now: float) -> None:
         if kind == "disconnect":
-            self._close_public()
-            self.state = "disconnected"
+            # Publish first: whoever sees the port fail then already reads the new state.
+            self.state, self.port = "disconnected", None
             self.sup.node_changed(self, f"{self.node_id}: unplugged (back in {dur:.1f} s)")
+            self._close_public()
             self._events.append((now + dur, "reconnect", 0.0, 0.0))
             self._events.sort()
         elif kind == "reconnect":

@@ -1,0 +1,100 @@
+"""`canopy sim`: run virtual nodes on real pseudo-terminals until Ctrl-C or --duration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from .errors import CanopyError
+from .sim import FAULT_KINDS, SimConfig, Supervisor, parse_fault, weather_kinds
+
+EXAMPLES = """\
+examples:
+  canopy sim --nodes 3                      # three nodes, ports printed, Ctrl-C stops them
+  canopy sim --nodes 6 --zones 2 --speed 60 --weather humid --seed 7
+  canopy sim --nodes 2 --fault n02:stuck@300/120 --fault n01:drift=0.05@60
+  canopy sim --nodes 2 --fault n01:disconnect@30/10 --fault all:garbage=32@5
+  canopy sim --nodes 1 --duration 60 --json  # state as JSON on stdout, stop after a minute
+  mpremote connect /dev/pts/7 fs cp main.py :main.py + reset   # deploy to a virtual node
+
+fault kinds: drift (VALUE C/s), stuck, spike (VALUE C, one-shot), sensor_off are simulated
+by the firmware's world; disconnect (unplug for DURATION), reboot (power cut for DURATION),
+garbage (VALUE random bytes, repeated for DURATION) by this supervisor. T and DURATION are
+simulated seconds since boot (wall seconds = simulated / --speed).
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sim",
+        help="run virtual nodes (real firmware in the unix port) on pseudo-terminals",
+        description=(
+            "Start N virtual canopy nodes: the real firmware in MicroPython unix-port processes, "
+            "each with its own folder (its flash) and a pseudo-terminal that mpremote, "
+            "`canopy monitor` and `canopy deploy` open like a USB serial port."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--nodes", "-n", type=int, default=2, help="number of virtual nodes (default 2)")
+    p.add_argument("--zones", type=int, default=1, help="spread the nodes over Z zones sharing a microclimate (default 1)")
+    p.add_argument("--seed", type=int, default=1, help="run seed: weather, sensor noise, garbage bytes (default 1)")
+    p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second (default 1)")
+    kinds = weather_kinds()
+    p.add_argument("--weather", default="hot",
+                   help="weather kind" + (f" ({', '.join(kinds)})" if kinds else "") + " (default hot)")
+    p.add_argument("--fault", action="append", default=[], metavar="NODE:KIND[=VALUE][@T][/DURATION]",
+                   help=f"inject a fault; KIND is one of {', '.join(FAULT_KINDS)}; NODE is an id (n01), "
+                        "a number, or all; repeatable")
+    p.add_argument("--dir", default="var/sim", help="folder holding one sub-folder per node (default var/sim)")
+    p.add_argument("--state", default=None, help="state file for other tools (default DIR/state.json)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many wall seconds (default: until Ctrl-C)")
+    p.add_argument("--heapsize", default=None, help="MicroPython heap per node, e.g. 128k (default: unix-port default)")
+    p.add_argument("--fresh", action="store_true", help="wipe the node folders first (a factory-new flash)")
+    p.add_argument("--json", action="store_true", help="print the state as JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.duration is not None and args.duration <= 0:
+        raise CanopyError("--duration must be a positive number of seconds")
+    cfg = SimConfig(
+        nodes=args.nodes, zones=args.zones, seed=args.seed, speed=args.speed, weather=args.weather,
+        faults=[parse_fault(f) for f in args.fault], directory=Path(args.dir),
+        state_file=Path(args.state) if args.state else None, heapsize=args.heapsize, fresh=args.fresh,
+    )
+
+    def say(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    sup = Supervisor(cfg, on_message=say)
+    try:
+        sup.start()
+        if args.json:
+            print(json.dumps(sup.state(), indent=1), flush=True)
+        else:
+            print(f"{len(sup.nodes)} virtual node(s), seed {cfg.seed}, speed {cfg.speed:g}x, weather {cfg.weather}")
+            for n in sup.nodes:
+                print(f"  {n.node_id}  zone {n.zone}  {n.port}  serial {n.serial_number}  pid {n.pid}  {n.folder}")
+            print(f"state file: {cfg.state_path}")
+            print("Ctrl-C stops all nodes." if args.duration is None else f"Stopping after {args.duration:g} s.",
+                  flush=True)
+        try:
+            sup.run(args.duration)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        sup.stop()
+        signal.signal(signal.SIGTERM, previous)
+    say(f"stopped {len(sup.nodes)} virtual node(s)")
+    return 0
