@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "canopy_host.plot_cmd",
     "canopy_host.flash_cmd",
     "canopy_host.ports_cmd",
+    "canopy_host.sim_cmd",
 ]
 
 
