@@ -271,3 +271,48 @@ def test_link_reads_real_stdin_without_blocking() -> None:
     assert calls_line[0].endswith(" True 11")  # saw EOF; the noise line was read and dropped
     # the loop kept ticking after the input ran dry: one reading per tick
     assert sum(f.kind == "reading" for f in frames) >= 20
+
+
+_REAL_NODE_SCRIPT = """
+from canopy import board, config, hal
+from canopy.link import Link
+from canopy.node import Node
+import main
+hw = hal.open(board.load("unix-sim"), {"node_id": "n07", "seed": 1, "speed": 0})
+node = Node(hw, config.merged(), boot_id=5)
+main.loop(node, Link(node), 30000)
+"""
+
+
+def test_link_drives_the_real_node(tmp_path) -> None:
+    """The Link against canopy.node.Node in firmware/main.py's loop, commands on stdin."""
+    from canopy_host.unixport import run_code
+
+    stdin = b"".join([
+        b"stray text\n",
+        encode_command("n07", 1, "status", {}),
+        encode_command("n07", 2, "set", {"t_setpoint": 2400}),
+        encode_command("n07", 3, "calibrate", {"channel": "t", "delta": -20}),
+        encode_command("n07", 4, "identify", {"seconds": 2}),
+        encode_command("n07", 5, "set", {"t_setpoint": 99999}),
+        encode_command("n08", 6, "reboot", {}),  # another node's: ignored
+    ])
+    proc = run_code(_REAL_NODE_SCRIPT, stdin=stdin.decode(), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    parser = FrameParser()
+    frames = parser.feed(proc.stdout.encode())
+    assert parser.crc_errors == parser.malformed == parser.oversize == 0
+    assert all(f.node == "n07" and f.boot == 5 for f in frames)
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert frames[0].kind == "hello" and frames[0].fields["board"] == "unix-sim"
+    answers = {f.fields["re"]: f for f in frames if f.kind in ("reply", "error")}
+    assert sorted(answers) == [1, 2, 3, 4, 5]
+    assert answers[2].fields["cfg_digest"] != frames[0].fields["cfg_digest"]  # the setpoint changed
+    assert answers[3].fields["offset"] == -20
+    assert answers[5].kind == "error" and answers[5].fields["err"] == "bad_args"
+    events = [f.fields["code"] for f in frames if f.kind == "event"]
+    assert events[0] == "boot" and {"config", "calibrate", "identify"} <= set(events)
+    readings = [f for f in frames if f.kind == "reading"]
+    assert len(readings) >= 29  # one per simulated second
+    last = readings[-1].fields
+    assert 0 <= last["shade"] <= 10000 and last["failsafe"] == 0 and 1000 < last["t"] < 5000

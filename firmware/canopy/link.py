@@ -9,7 +9,7 @@ latest reading. Frame format: docs/protocol.md.
 Usage::
 
     from canopy.link import Link
-    link = Link(node)                 # node id from sim.json / machine.unique_id()
+    link = Link(node)                 # node id: sim.json's node_id / machine.unique_id()
     while True:
         node.tick()
         link.service(hw.ticks_ms())   # hello first, then events, readings, replies
@@ -29,16 +29,11 @@ _CHANNELS = {"t": 0, "p": 1, "h": 2, 0: 0, 1: 1, 2: 2}
 
 
 def default_node_id(hw=None):
-    """sim.json's node_id for a virtual node, else the chip's unique id in hex."""
-    if hw is not None and getattr(hw, "simulated", False):
-        try:
-            from canopy.sim.hal import load_sim
-
-            nid = load_sim().get("node_id")
-            if valid_node_id(nid):
-                return nid
-        except (ImportError, ValueError, OSError):
-            pass
+    """A virtual node's id from its sim.json (via the world), else the chip's unique id in hex."""
+    world = getattr(hw, "world", None)
+    nid = getattr(world, "node_id", None)
+    if valid_node_id(nid):
+        return nid
     try:
         import binascii
         import machine
@@ -238,9 +233,10 @@ class Link:
     def service(self, now_ms):
         if self._hello_due:
             self.send_hello()
+        self._drain_events()  # what happened during the tick, before any replies
         if self._poll is not None:
             self._read_input()
-        self._drain_events()
+            self._drain_events()  # events caused by the commands just answered
         t = self.node.ticks
         if t != self._last_tick and (self._last_tick < 0 or t - self._last_tick >= self.report_every):
             self._last_tick = t
