@@ -97,8 +97,16 @@ def load_config(path="config.json"):
 
 
 def make_link(node):
-    """The serial link serviced between ticks (the protocol link replaces this)."""
-    return TextLink(node, int(_env("CANOPY_EVERY", "10")))
+    """The serial link serviced between ticks.
+
+    CANOPY_LINK=text always selects the text link (`canopy demo` reads it); otherwise
+    this is where the framed protocol link (canopy.link.Link) plugs in.
+    """
+    if _env("CANOPY_LINK") == "text":
+        return TextLink(node, int(_env("CANOPY_EVERY", "10")))
+    from canopy.link import Link
+
+    return Link(node)
 
 
 def loop(node, link, run_ms=0):
