@@ -48,7 +48,8 @@ def test_fs_cp_ls_cat_round_trip(node, tmp_path: Path) -> None:
     src.write_text(payload, encoding="utf-8")
     mpremote(node.port, "fs", "cp", str(src), ":notes.txt")
     assert (node.folder / "notes.txt").read_text(encoding="utf-8") == payload  # the node's flash
-    assert "notes.txt" in mpremote(node.port, "fs", "ls").stdout
+    listing = mpremote(node.port, "fs", "ls").stdout
+    assert f"{len(payload.encode())} notes.txt" in listing, listing
     back = tmp_path / "back.txt"
     mpremote(node.port, "fs", "cp", ":notes.txt", str(back))
     assert back.read_text(encoding="utf-8") == payload

@@ -15,7 +15,7 @@ virtual node, with the node's folder (its "flash") as the current directory::
 
 The unix port has no ``machine.reset``; mpremote's ``reset`` needs one, so a thin
 ``machine`` stand-in that adds it (and delegates everything else) goes into
-``sys.modules``. Exiting the process with status 3 is what the supervisor reads as
+``sys.modules``; ``os`` gets the same treatment so ``os.ilistdir`` reports file sizes. Exiting the process with status 3 is what the supervisor reads as
 a hard reset, the same status the simulated HAL uses for ``node.reboot()``.
 """
 
@@ -43,6 +43,32 @@ class _Machine:
 
 
 sys.modules["machine"] = _Machine()
+
+_builtin_os = os
+
+
+class _Os:
+    # The chip's filesystems list (name, type, inode, size); the unix port leaves out
+    # the size, which makes `mpremote fs ls` (and deploy checks built on it) show 0.
+    def __getattr__(self, name):
+        return getattr(_builtin_os, name)
+
+    def ilistdir(self, path="."):
+        prefix = "" if path in ("", ".") else path.rstrip("/") + "/"
+        for entry in _builtin_os.ilistdir(path):
+            if len(entry) > 3:
+                yield entry
+                continue
+            size = 0
+            if entry[1] == 0x8000:
+                try:
+                    size = _builtin_os.stat(prefix + entry[0])[6]
+                except OSError:
+                    pass
+            yield (entry[0], entry[1], entry[2], size)
+
+
+sys.modules["os"] = _Os()
 
 
 def _read(path):
