@@ -149,6 +149,30 @@ def quiet_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _sim_jsons(directory: Path, seed: int) -> dict[str, dict]:
+    cfg = SimConfig(nodes=3, zones=2, directory=directory, seed=seed, speed=5.0, weather="mild",
+                    faults=[parse_fault("n02:stuck@300/120"), parse_fault("all:drift=0.05@60"),
+                            parse_fault("n03:disconnect@100")])
+    with Supervisor(cfg) as sup:
+        return {n.node_id: json.loads((n.folder / "sim.json").read_text()) for n in sup.nodes}
+
+
+def test_sim_json_zones_seeds_and_sensor_faults(tmp_path: Path) -> None:
+    sims = _sim_jsons(tmp_path, seed=3)
+    assert [sims[n]["zone"] for n in ("n01", "n02", "n03")] == ["A", "B", "A"]
+    assert sims["n01"]["zone_seed"] == sims["n03"]["zone_seed"] != sims["n02"]["zone_seed"]
+    assert len({s["seed"] for s in sims.values()}) == 3
+    assert all(s["speed"] == 5.0 and s["weather"] == "mild" for s in sims.values())
+    assert {"at_s": 300.0, "kind": "stuck", "duration_s": 120.0} in sims["n02"]["faults"]
+    assert all({"at_s": 60.0, "kind": "drift", "duration_s": 10**9, "value": 0.05} in s["faults"]
+               for s in sims.values())
+    # Serial-level faults are the supervisor's business, not the firmware's.
+    assert not any(f["kind"] == "disconnect" for s in sims.values() for f in s["faults"])
+    assert _sim_jsons(tmp_path, seed=3) == sims  # reproducible from --seed
+    other = _sim_jsons(tmp_path, seed=4)
+    assert other["n01"]["seed"] != sims["n01"]["seed"] and other["n01"]["zone_seed"] != sims["n01"]["zone_seed"]
+
+
 def _garbage_run(directory: Path, seed: int) -> bytes:
     cfg = SimConfig(nodes=1, directory=directory, seed=seed, speed=1.0,
                     faults=[parse_fault("n01:garbage=200@1")])
