@@ -47,13 +47,14 @@ COMMANDS = ("status", "set", "identify", "calibrate", "reboot")
 STRING_KEYS = frozenset({"board", "fw_version", "fw_hash", "cfg_digest", "code", "err", "msg", "cmd"})
 
 _NODE_RE = re.compile(rb"[A-Za-z0-9_-]{1,16}\Z")
-_NUM_RE = re.compile(rb"[0-9]{1,10}\Z")
 _INT_RE = re.compile(rb"-?[0-9]{1,11}\Z")
 _KEY_RE = re.compile(rb"[a-z0-9_]{1,16}\Z")
 _HEX8_RE = re.compile(rb"[0-9a-fA-F]{8}\Z")
 _TAG_RE = re.compile(rb"![0-9a-fA-F]{32}\Z")
 _CMD_RE = re.compile(r"[a-z_]{1,16}\Z")
 _PRINTABLE = bytes(range(0x20, 0x7F))
+_HEAD_RE = re.compile(rb"@CNP1 ([A-Za-z0-9_-]{1,16}|\*) ([0-9]{1,10}) ([0-9]{1,10}) ([HREAXC])(?: (.*))?\Z", re.S)
+_READING_RE = re.compile(rb"-?[0-9]{1,11}(?:,-?[0-9]{1,11}){%d,}\Z" % (len(READING_KEYS) - 1))
 
 
 @dataclass
@@ -111,42 +112,36 @@ def parse_line(line: bytes) -> Frame:
         raise ValueError("crc: CRC32 mismatch")
     if body.translate(None, _PRINTABLE):
         raise ValueError("malformed: non-printable byte in frame")
-    toks = body.split(b" ")
-    if len(toks) < 5 or not all(toks):
-        raise ValueError("malformed: missing header fields")
-    node, boot, seq, letter = toks[1], toks[2], toks[3], toks[4]
-    kind = KINDS.get(letter)
-    if kind is None:
-        raise ValueError("malformed: unknown frame type")
-    if kind == "command":
-        if not (node == b"*" or _NODE_RE.match(node)):
-            raise ValueError("malformed: bad node id")
-    elif not _NODE_RE.match(node):
+    m = _HEAD_RE.match(body)
+    if m is None:
+        raise ValueError("malformed: bad header (node, boot, seq, type)")
+    node, boot, seq, letter, rest = m.groups()
+    kind = KINDS[letter]
+    if node == b"*" and kind != "command":
         raise ValueError("malformed: bad node id")
-    if not _NUM_RE.match(boot) or not _NUM_RE.match(seq):
-        raise ValueError("malformed: boot and seq must be decimal")
-    payload = toks[5:]
+    payload = rest.split(b" ") if rest is not None else []
+    if b"" in payload:
+        raise ValueError("malformed: empty token")
     try:
         if kind == "reading":
-            if len(payload) != 1:
-                raise _Malformed
-            vals = payload[0].split(b",")
-            if len(vals) < len(READING_KEYS) or not all(_INT_RE.match(v) for v in vals):
+            if len(payload) != 1 or not _READING_RE.match(payload[0]):
                 raise _Malformed
             # extra trailing values come from a newer firmware; v1 readers ignore them
-            fields: dict[str, object] = dict(zip(READING_KEYS, map(int, vals)))
+            fields: dict[str, object] = dict(zip(READING_KEYS, map(int, payload[0].split(b","))))
         elif kind == "command":
             if not payload:
                 raise _Malformed
             cmd = payload[0].decode("ascii")
-            rest = payload[1:]
+            if not _CMD_RE.match(cmd):
+                raise _Malformed
+            arg_toks = payload[1:]
             tag = None
-            if rest and rest[-1].startswith(b"!"):
-                if not _TAG_RE.match(rest[-1]):
+            if arg_toks and arg_toks[-1].startswith(b"!"):
+                if not _TAG_RE.match(arg_toks[-1]):
                     raise _Malformed
-                tag = rest.pop()[1:].decode("ascii")
+                tag = arg_toks.pop()[1:].decode("ascii")
             # command arguments are typed by their text alone, as the node parses them
-            fields = {"cmd": cmd, "args": _kv_fields(rest, frozenset())}
+            fields = {"cmd": cmd, "args": _kv_fields(arg_toks, frozenset())}
             if tag is not None:
                 fields["tag"] = tag
         else:
