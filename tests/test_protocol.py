@@ -259,3 +259,11 @@ def test_every_spec_example_parses() -> None:
         kinds.add(f.kind)
         assert len(ex) + 1 <= MAX_FRAME
     assert kinds == {"hello", "reading", "event", "reply", "error", "command"}
+
+
+def test_free_text_without_newline_is_bounded() -> None:
+    p = FrameParser()
+    p.feed(b"z" * 5000)
+    assert len(p._text) <= 1024 + 1
+    assert sum(map(len, p.text_lines)) + len(p._text) == 5000
+    assert p.garbage_bytes == 5000

@@ -112,7 +112,10 @@ def test_host_commands_round_trip_through_node_parser() -> None:
             args[key] = rng.choice([_i32(rng), "auto", "x-1.5", ""])
         target = rng.choice([node, "*"])
         tag = rng.randbytes(16) if counter % 7 == 0 else None
-        stream += encode_command(target, counter, cmd, args, boot=rng.choice([0, boot]), tag=tag)
+        line = encode_command(target, counter, cmd, args, boot=rng.choice([0, boot]), tag=tag)
+        if counter % 5 == 0:
+            line = line.replace(b"\n", b"\r\n")  # a terminal program's line ending
+        stream += line
         expected.append(["cmd", counter, cmd, args, tag.hex() if tag else None])
     # frames the node must ignore (another node) or refuse (stale boot, unknown command, CRC)
     stream += encode_command("other", 900, "reboot", {})
@@ -316,3 +319,37 @@ def test_link_drives_the_real_node(tmp_path) -> None:
     assert len(readings) >= 29  # one per simulated second
     last = readings[-1].fields
     assert 0 <= last["shade"] <= 10000 and last["failsafe"] == 0 and 1000 < last["t"] < 5000
+
+
+_FLOOD_SCRIPT = """
+import protocol_node as pn
+from canopy.link import Link
+node = pn.FakeNode()
+link = Link(node, node_id="n01")
+seen = []
+for i in range(200):
+    node.ticks += 1
+    link.service(i)
+    seen.append(link.parser.garbage_bytes)
+    if link.parser.commands:
+        break
+print("@@FLOOD", seen[0], len(seen), link.parser.commands)
+"""
+
+
+def test_link_reads_a_bounded_amount_per_service_call() -> None:
+    """A flood on the line is consumed max_read bytes per call: the tick keeps its pace."""
+    stdin = b"x" * 10_000 + b"\n" + encode_command("n01", 1, "status", {})
+    proc = subprocess.run(
+        micropython_command() + ["-c", _FLOOD_SCRIPT], input=stdin, capture_output=True, timeout=60,
+        env=micropython_env([MPY_TEST_DIR]),
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    parser = FrameParser()
+    frames = parser.feed(proc.stdout)
+    parser.flush_text()
+    (line,) = [t for t in parser.text_lines if t.startswith("@@FLOOD")]
+    first, calls, commands = map(int, line.split()[1:])
+    assert first == 256  # Link.max_read
+    assert calls == -(-len(stdin) // 256) and commands == 1
+    assert [f.fields["re"] for f in frames if f.kind == "reply"] == [1]
