@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from canopy_host.monitor import Collector, PortReader, read_sim_state, sim_specs
-from canopy_host.store import Store
+from canopy_host.store import Store, decode_fields
 from canopy_host.unixport import run_code
 
 _GEN = r"""
@@ -140,21 +140,24 @@ def test_collector_rows_and_link_events(tmp_path, frames):
             pty2.unplug()
 
     con = sqlite3.connect(db)
-    rows = con.execute("SELECT boot, seq, kind, port, t, p, h, shade, fields FROM frames ORDER BY id").fetchall()
+    con.row_factory = sqlite3.Row
+    rows = [(r["boot"], r["seq"], r["kind"], r["port"], r["t"], r["p"], r["h"], r["shade"], decode_fields(r))
+            for r in con.execute("SELECT * FROM frames ORDER BY id")]
     expected = [(5, s) for s in [*range(0, 11), 12, 16, 17, 18, 19, 17, *range(20, 25)]]
     expected += [(6, s) for s in range(0, 11)]
     assert [(b, s) for b, s, *_ in rows] == expected
     for boot, seq, kind, port, t, p, h, shade, fields in rows:
         assert port == (pty1.path if (boot, seq) < (6, 5) else pty2.path)
         if seq == 0:
-            assert kind == "hello" and json.loads(fields)["board"] == "unix-sim"
+            assert kind == "hello" and fields["board"] == "unix-sim"
         elif (boot, seq) == (6, 10):
-            assert kind == "event" and json.loads(fields)["code"] == "fault"
+            assert kind == "event" and fields["code"] == "fault"
         else:
             assert kind == "reading"
             assert (t, p, h, shade) == (2500 + seq, 100000 + seq, 40000 + seq, seq * 10)
-            assert json.loads(fields)["i_mist"] == -seq
+            assert fields["i_mist"] == -seq
 
+    con.row_factory = None
     events = con.execute(
         "SELECT kind, node, boot, seq_from, seq_to, count, detail FROM link_events ORDER BY id").fetchall()
     ordered = [e[:6] for e in events if e[0] not in ("text", "garbage", "open_failed")]

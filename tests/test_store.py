@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -10,7 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from canopy_host.errors import CanopyError
-from canopy_host.store import READING_COLUMNS, SCHEMA_VERSION, Store, iter_frames, nodes_in_zone, open_db
+from canopy_host.store import (READING_COLUMNS, SCHEMA_VERSION, Store, decode_fields, iter_frames, nodes_in_zone,
+                               open_db)
 
 
 @dataclass
@@ -26,6 +26,7 @@ def reading(node: str, boot: int, seq: int) -> F:
     return F("reading", node, boot, seq, {
         "t_raw": 519888 + seq, "p_raw": 415148, "h_raw": 30000, "t": 2508 + seq, "p": 100653, "h": 47445,
         "shade": seq % 10001, "mist": 0, "fan": 2500, "faults": 0, "failsafe": 0, "tick": seq, "i_shade": -123456,
+        "i_mist": 0, "i_fan": 7 * seq,
     })
 
 
@@ -42,7 +43,7 @@ def test_schema_tables_wal_and_version(tmp_path):
     assert {"frames", "link_events", "nodes", "meta"} <= tables
     cols = [r[1] for r in con.execute("PRAGMA table_info(frames)")]
     assert cols[:7] == ["id", "rx_time", "port", "node", "boot", "seq", "kind"]
-    assert set(READING_COLUMNS) <= set(cols) and "fields" in cols
+    assert set(READING_COLUMNS) <= set(cols) and "extra" in cols
     ev_cols = {r[1] for r in con.execute("PRAGMA table_info(link_events)")}
     assert {"rx_time", "port", "node", "kind", "boot", "seq_from", "seq_to", "count", "detail"} <= ev_cols
     assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
@@ -76,9 +77,10 @@ def test_round_trip_from_many_threads(tmp_path):
     for row in rows:
         f = sent[(row["node"], row["seq"])]
         assert (row["boot"], row["kind"], row["port"]) == (7, "reading", f"/dev/pts/{row['node']}")
-        assert json.loads(row["fields"]) == f.fields
+        assert decode_fields(row) == f.fields
         for c in READING_COLUMNS:
             assert row[c] == f.fields[c]
+        assert row["extra"] is None  # a plain reading needs no JSON
     events = con.execute("SELECT node, kind, boot, seq_from, seq_to FROM link_events ORDER BY node").fetchall()
     assert events == [(n, "gap", 7, 3, 5) for n in nodes]
 
@@ -99,14 +101,17 @@ def test_non_reading_frames_and_odd_values_are_kept_verbatim(tmp_path):
     with Store(db) as store:
         store.add_frame(1.0, "p", F("hello", "n01", 3, 0, {"board": "unix-sim", "fw_version": "0.1", "cfg_digest": "ab"}))
         store.add_frame(2.0, "p", F("reading", "n01", 3, 1, {"t": "oops", "p": 1.5, "h": None}))
+        store.add_frame(3.0, "p", F("reading", "n01", 3, 2, {"t": 2500, "newer_fw": 5, "failsafe": True}))
         store.upsert_node("n01", seen=1.0, zone="A", usb_serial="SIM-n01", board="unix-sim")
         store.upsert_node("n01", seen=5.0, port="/dev/pts/9")
     con = open_db(db, create=False)
     rows = list(iter_frames(con, kind=None))
-    assert [r["kind"] for r in rows] == ["hello", "reading"]
-    assert json.loads(rows[0]["fields"])["board"] == "unix-sim"
+    assert [r["kind"] for r in rows] == ["hello", "reading", "reading"]
+    assert rows[2]["t"] == 2500 and rows[2]["failsafe"] is None  # True is not an integer reading
+    assert decode_fields(rows[2]) == {"t": 2500, "newer_fw": 5, "failsafe": True}
+    assert decode_fields(rows[0]) == {"board": "unix-sim", "fw_version": "0.1", "cfg_digest": "ab"}
     assert (rows[1]["t"], rows[1]["p"], rows[1]["h"]) == (None, None, None)  # non-ints stay out of INTEGER columns
-    assert json.loads(rows[1]["fields"]) == {"t": "oops", "p": 1.5, "h": None}
+    assert decode_fields(rows[1]) == {"t": "oops", "p": 1.5, "h": None}
     assert con.execute("SELECT zone, usb_serial, port, first_seen, last_seen FROM nodes").fetchone() == (
         "A", "SIM-n01", "/dev/pts/9", 1.0, 5.0)
     assert nodes_in_zone(con, "A") == ["n01"]

@@ -35,7 +35,7 @@ from typing import Any
 
 from .errors import CanopyError
 from .paths import BOARDS_DIR
-from .store import Store
+from .store import Store, frame_row
 
 # docs/protocol.md: the per-boot seq starts at 0 and wraps from 0x3FFFFFFF back to 0
 # (it stays a small int on the ESP32). FIRST_SEQ lets us report frames lost right
@@ -375,10 +375,14 @@ class Collector:
                     text = line.decode("utf-8", "replace") if isinstance(line, (bytes, bytearray)) else str(line)
                     self._event(rx, ps, "text", detail=text[:MAX_TEXT_LINE])
                 del lines[:]
-            for f in frames:
-                self._frame(ps, f, rx)
+            if frames:
+                rows: list[tuple[Any, ...]] = []
+                for f in frames:
+                    self._frame(ps, f, rx, rows)
+                if self.store is not None:
+                    self.store.add_frame_rows(rows)
 
-    def _frame(self, ps: PortState, f: Any, rx: float) -> None:
+    def _frame(self, ps: PortState, f: Any, rx: float, rows: list[tuple[Any, ...]]) -> None:
         if ps.node != f.node:
             if ps.node is not None:
                 self._event(rx, ps, "node_changed", detail=f"{ps.node} -> {f.node}")
@@ -431,7 +435,7 @@ class Collector:
         elif f.kind == "error":
             st.last_event = f"error {fields.get('code', fields.get('msg', ''))}".strip()
         if self.store is not None:
-            self.store.add_frame(rx, port, f)
+            rows.append(frame_row(rx, port, f))
             if st.frames == 1 or f.kind == "hello":
                 self.store.upsert_node(
                     f.node,

@@ -34,11 +34,18 @@ from typing import Any, Protocol
 
 from .errors import CanopyError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-# Reading quantities that get their own INTEGER column (indexed queries and a cheap
-# export/plot); everything a frame carries is ALSO kept verbatim in `fields` (JSON).
-READING_COLUMNS = ("t", "p", "h", "t_raw", "p_raw", "h_raw", "shade", "mist", "fan", "faults", "failsafe", "tick")
+# A reading's quantities each get an INTEGER column (the protocol's READING_KEYS):
+# indexed queries, cheap export/plot, and no JSON to build per reading. Any other
+# field (a newer firmware's extra key, a non-integer value) goes to `extra` as JSON.
+# Non-reading frames (hello, event, reply, error) keep all their fields in `extra`.
+READING_COLUMNS = (
+    "t", "p", "h", "t_raw", "p_raw", "h_raw", "shade", "mist", "fan",
+    "faults", "failsafe", "tick", "i_shade", "i_mist", "i_fan",
+)
+_COLSET = frozenset(READING_COLUMNS)
+_INT_OR_NONE = frozenset({int, type(None)})
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
@@ -54,7 +61,7 @@ CREATE TABLE IF NOT EXISTS frames (
     seq     INTEGER NOT NULL,
     kind    TEXT    NOT NULL,   -- hello | reading | event | reply | error
     {", ".join(f"{c} INTEGER" for c in READING_COLUMNS)},
-    fields  TEXT    NOT NULL    -- all payload fields as a JSON object
+    extra   TEXT                -- JSON object: fields not in a column (see below), or NULL
 );
 CREATE INDEX IF NOT EXISTS frames_node_time ON frames (node, rx_time);
 CREATE INDEX IF NOT EXISTS frames_kind_time ON frames (kind, rx_time);
@@ -100,7 +107,7 @@ EVENT_KINDS = (
 )
 
 _FRAME_SQL = (
-    f"INSERT INTO frames (rx_time, port, node, boot, seq, kind, {', '.join(READING_COLUMNS)}, fields) "
+    f"INSERT INTO frames (rx_time, port, node, boot, seq, kind, {', '.join(READING_COLUMNS)}, extra) "
     f"VALUES ({', '.join('?' * (7 + len(READING_COLUMNS)))})"
 )
 _EVENT_SQL = (
@@ -129,25 +136,29 @@ class FrameLike(Protocol):
     fields: Mapping[str, object]
 
 
-def _int_or_none(value: object) -> int | None:
-    # bool is an int subclass; keep 0/1 but refuse floats/strings in INTEGER columns.
-    return int(value) if isinstance(value, int) else None
+_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_NO_COLUMNS = (None,) * len(READING_COLUMNS)
 
 
 def frame_row(rx_time: float, port: str, frame: FrameLike) -> tuple[Any, ...]:
-    """The `frames` row for one frame (also used by the ingest benchmark's baseline)."""
+    """The `frames` row for one frame (also used by the ingest benchmark's baseline).
+
+    This runs once per received frame, so the common case (a reading whose fields are
+    exactly the integer columns) takes a short path without building any JSON."""
     fields = frame.fields
-    get = fields.get
-    return (
-        rx_time,
-        port,
-        frame.node,
-        frame.boot,
-        frame.seq,
-        frame.kind,
-        *(_int_or_none(get(c)) for c in READING_COLUMNS),
-        json.dumps(fields, separators=(",", ":"), default=str),
-    )
+    if frame.kind == "reading":
+        values = tuple(map(fields.get, READING_COLUMNS))
+        if set(map(type, values)) <= _INT_OR_NONE and _COLSET.issuperset(fields):
+            extra = None
+        else:
+            # bool is an int subclass; keep true ints in columns, everything else as JSON.
+            values = tuple(v if type(v) is int else None for v in values)
+            rest = {k: v for k, v in fields.items() if k not in _COLSET or type(v) is not int}
+            extra = _json(rest) if rest else None
+    else:
+        values = _NO_COLUMNS
+        extra = _json(fields) if fields else None
+    return (rx_time, port, frame.node, frame.boot, frame.seq, frame.kind, *values, extra)
 
 
 def open_db(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
@@ -206,6 +217,11 @@ class Store:
 
     def add_frame_row(self, row: tuple[Any, ...]) -> None:
         self._queue.put((0, row))
+
+    def add_frame_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """Several rows in one queue item: one hand-over per serial read, not per frame."""
+        if rows:
+            self._queue.put((4, rows))
 
     def add_event(
         self,
@@ -278,7 +294,10 @@ class Store:
             n = 0
             while True:
                 tag, payload = item
-                if tag == 0:
+                if tag == 4:
+                    frames.extend(payload)
+                    n += len(payload) - 1
+                elif tag == 0:
                     frames.append(payload)
                 elif tag == 1:
                     events.append(payload)
@@ -342,7 +361,7 @@ def iter_frames(
     since: float | None = None,
     until: float | None = None,
 ) -> Iterator[sqlite3.Row]:
-    """Frames in receive order, filtered; rows support row['t'] and row['fields']."""
+    """Frames in receive order, filtered; rows support row['t']; decode_fields(row) gives all."""
     where: list[str] = []
     args: list[Any] = []
     if nodes:
@@ -375,5 +394,15 @@ def known_nodes(con: sqlite3.Connection) -> list[str]:
 
 
 def decode_fields(row: sqlite3.Row) -> dict[str, Any]:
-    value = json.loads(row["fields"])
-    return value if isinstance(value, dict) else {}
+    """All fields of a stored frame: the reading columns that are set, plus `extra`."""
+    out: dict[str, Any] = {}
+    if row["kind"] == "reading":
+        for c in READING_COLUMNS:
+            v = row[c]
+            if v is not None:
+                out[c] = v
+    if row["extra"]:
+        value = json.loads(row["extra"])
+        if isinstance(value, dict):
+            out.update(value)
+    return out
