@@ -77,23 +77,23 @@ def compensate(cal: ptr32, data: ptr8, out: ptr32, sign: int) -> int:
     adc_t = (data[3] << 12) | (data[4] << 4) | (data[5] >> 4)
     adc_h = (data[6] << 8) | data[7]
     t1 = cal[0]
-    t2 = (cal[1] ^ sign) - sign
-    t3 = (cal[2] ^ sign) - sign
+    t2 = (cal[1] ^ sign) - sign  # wrap-ok: sign extension
+    t3 = (cal[2] ^ sign) - sign  # wrap-ok: sign extension
     p1 = cal[3]
-    p2 = (cal[4] ^ sign) - sign
-    p3 = (cal[5] ^ sign) - sign
-    p4 = (cal[6] ^ sign) - sign
-    p5 = (cal[7] ^ sign) - sign
-    p6 = (cal[8] ^ sign) - sign
-    p7 = (cal[9] ^ sign) - sign
-    p8 = (cal[10] ^ sign) - sign
-    p9 = (cal[11] ^ sign) - sign
+    p2 = (cal[4] ^ sign) - sign  # wrap-ok: sign extension
+    p3 = (cal[5] ^ sign) - sign  # wrap-ok: sign extension
+    p4 = (cal[6] ^ sign) - sign  # wrap-ok: sign extension
+    p5 = (cal[7] ^ sign) - sign  # wrap-ok: sign extension
+    p6 = (cal[8] ^ sign) - sign  # wrap-ok: sign extension
+    p7 = (cal[9] ^ sign) - sign  # wrap-ok: sign extension
+    p8 = (cal[10] ^ sign) - sign  # wrap-ok: sign extension
+    p9 = (cal[11] ^ sign) - sign  # wrap-ok: sign extension
     h1 = cal[12]
-    h2 = (cal[13] ^ sign) - sign
+    h2 = (cal[13] ^ sign) - sign  # wrap-ok: sign extension
     h3 = cal[14]
-    h4 = (cal[15] ^ sign) - sign
-    h5 = (cal[16] ^ sign) - sign
-    h6 = (cal[17] ^ sign) - sign
+    h4 = (cal[15] ^ sign) - sign  # wrap-ok: sign extension
+    h5 = (cal[16] ^ sign) - sign  # wrap-ok: sign extension
+    h6 = (cal[17] ^ sign) - sign  # wrap-ok: sign extension
 
     # Temperature: BME280_compensate_T_int32.
     var1 = (((adc_t >> 3) - (t1 << 1)) * t2) >> 11

@@ -150,3 +150,43 @@ def compensate(adc_t: int, adc_p: int, adc_h: int, cal: dict[str, int],
     a = a or Arith()
     t_fine, t = compensate_t(adc_t, cal, a)
     return t_fine, t, compensate_p(adc_p, t_fine, cal, a), compensate_h(adc_h, t_fine, cal, a)
+
+
+# The kernel's documented input domain (docs/bme280.md): calibration ranges that cover
+# real parts with margin, temperatures the part is specified for, and raw pressure and
+# humidity counts well beyond 300..1100 hPa and 0..100 %RH. Inside it no intermediate of
+# the formulas above leaves int32/uint32 (tests/test_bme280_reference.py checks this).
+DOMAIN_CAL = {
+    "T1": (26000, 30000), "T2": (24000, 28000), "T3": (-1200, 1200),
+    "P1": (34000, 40000), "P2": (-12000, -9000), "P3": (2000, 4000), "P4": (0, 12000),
+    "P5": (-600, 600), "P6": (-20, 20), "P7": (5000, 16000), "P8": (-16000, -8000),
+    "P9": (2000, 8000),
+    "H1": (0, 100), "H2": (300, 450), "H3": (0, 20), "H4": (250, 400), "H5": (0, 60),
+    "H6": (20, 40),
+}
+DOMAIN_T_FINE = (-40 * 5120, 85 * 5120)  # -40..85 degC
+DOMAIN_ADC_P = (150000, 800000)
+DOMAIN_ADC_H = (0, 52000)
+
+
+def t_fine_of(adc_t: int, cal: dict[str, int]) -> int:
+    return compensate_t(adc_t, cal, Arith(wrap=False))[0]
+
+
+def adc_t_for_t_fine(target: int, cal: dict[str, int]) -> int:
+    """Smallest adc_T whose t_fine reaches `target` (t_fine rises with adc_T in the domain)."""
+    lo, hi = 0, (1 << 20) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if t_fine_of(mid, cal) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def adc_t_range(cal: dict[str, int]) -> tuple[int, int]:
+    """adc_T values whose t_fine lies in DOMAIN_T_FINE, for this calibration."""
+    lo = adc_t_for_t_fine(DOMAIN_T_FINE[0], cal)
+    hi = adc_t_for_t_fine(DOMAIN_T_FINE[1] + 1, cal) - 1
+    return lo, hi

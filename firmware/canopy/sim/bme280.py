@@ -403,6 +403,8 @@ class SimBME280:
 
     def latched(self):
         """(adc_T, adc_P, adc_H) currently in the data registers."""
+        if self._measuring:
+            self._update()
         r = self._regs
         return (
             (r[0xFA] << 12) | (r[0xFB] << 4) | (r[0xFC] >> 4),
