@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="",
                     help=f"comma-separated subset of: {', '.join(BENCHES)}")
     ap.add_argument("--quick", action="store_true",
-                    help="shorter kernel measurements (10 ms, best of 3) for a smoke run")
+                    help="shorter kernel measurements (10 ms, best of 3, one round) for a smoke run")
     args, extra = ap.parse_known_args(argv)
     wanted = [s for s in args.only.split(",") if s] or list(BENCHES)
     unknown = [s for s in wanted if s not in BENCHES]
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, str(script)]
         if name == "kernels":
             if args.quick:
-                cmd += ["--min-ms", "10", "--repeats", "3"]
+                cmd += ["--min-ms", "10", "--repeats", "3", "--rounds", "1"]
             cmd += extra
         t0 = time.monotonic()
         rc = subprocess.call(cmd)

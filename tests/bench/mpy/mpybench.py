@@ -73,24 +73,41 @@ def _alloc(loop, f, args, n):
     gc.collect()
     gc.disable()
     try:
-        before = micropython.mem_total()
+        total = micropython.mem_total()
+        held = gc.mem_alloc()
         loop(f, args, n)
-        return micropython.mem_total() - before
+        return micropython.mem_total() - total, gc.mem_alloc() - held
     finally:
         gc.enable()
 
 
 def alloc_per_call(f, args, n=1000):
-    """Bytes allocated per call, from micropython.mem_total() with the GC off.
+    """(bytes allocated, bytes still held) per call, with the GC off.
 
-    Counted over n and 2n calls and differenced, which cancels the constant cost of
-    the measurement itself (the loop's own frame, the mem_total call).
+    Allocated counts every heap allocation (micropython.mem_total), including bytecode
+    frames too big for the C stack, which the VM takes from the heap and frees on
+    return; held is the net growth of the heap (gc.mem_alloc), i.e. garbage the GC
+    would eventually have to collect. Both are counted over n and 2n calls and
+    differenced, which cancels the constant cost of the measurement itself.
     """
     loop = _LOOPS[len(args)]
     loop(f, args, 10)  # warm-up: first calls may intern or cache
     a = _alloc(loop, f, args, n)
     b = _alloc(loop, f, args, 2 * n)
-    return (b - a) / n
+    return (b[0] - a[0]) / n, (b[1] - a[1]) / n
+
+
+def heap_lock_ok(f, args, n=100):
+    """True if n calls run with the heap locked (what the node's tests require)."""
+    loop = _LOOPS[len(args)]
+    micropython.heap_lock()
+    try:
+        loop(f, args, n)
+        return True
+    except MemoryError:
+        return False
+    finally:
+        micropython.heap_unlock()
 
 
 def main(min_ms, repeats, names=""):
@@ -110,8 +127,12 @@ def main(min_ms, repeats, names=""):
             print("@@BENCH@@" + json.dumps({"kernel": name, "error": "%s: %s" % (type(e).__name__, e)}))
             continue
         raw, base, n = measure(f, empty, args, min_ns, repeats)
-        alloc = alloc_per_call(f, args)
+        # The empty twin runs the same driver code (see cases._TickDriver), so the
+        # difference is what the measured code itself allocates.
+        fa, fh = alloc_per_call(f, args)
+        ea, eh = alloc_per_call(empty, args)
         print("@@BENCH@@" + json.dumps({
             "kernel": name, "raw_ns": raw, "base_ns": base, "ns": raw - base,
-            "n": n, "alloc": alloc, "note": note,
+            "n": n, "alloc": fa - ea, "held": fh - eh, "locked_ok": heap_lock_ok(f, args),
+            "note": note,
         }))
