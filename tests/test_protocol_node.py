@@ -353,3 +353,51 @@ def test_link_reads_a_bounded_amount_per_service_call() -> None:
     assert first == 256  # Link.max_read
     assert calls == -(-len(stdin) // 256) and commands == 1
     assert [f.fields["re"] for f in frames if f.kind == "reply"] == [1]
+
+
+_LOCKED_SCRIPT = """
+import micropython
+import protocol_node as pn
+from canopy.link import Link
+node = pn.FakeNode()
+link = Link(node, node_id="n01")
+link.service(0)  # first call: hello, poll setup
+def run(n):
+    ok = 0
+    micropython.heap_lock()
+    try:
+        for i in range(n):
+            node.ticks += 1
+            node.raw[0] = 2500 - i  # values change every tick, as a real node's do
+            link.service(i)
+            ok += 1
+    except MemoryError:
+        pass
+    micropython.heap_unlock()
+    return ok
+print("@@LOCKED", run(150), link.frames_out)
+"""
+
+
+def test_link_steady_state_allocates_nothing() -> None:
+    """Polling an idle line, sending readings and the periodic hello: all with the heap locked."""
+    proc = subprocess.Popen(
+        micropython_command() + ["-c", _LOCKED_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=micropython_env([MPY_TEST_DIR]),
+    )
+    try:
+        # stdin stays open and idle until the script has exited (communicate would close it)
+        out = proc.stdout.read()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.stdin.close()
+    parser = FrameParser()
+    frames = parser.feed(out)
+    parser.flush_text()
+    (line,) = [t for t in parser.text_lines if t.startswith("@@LOCKED")]
+    ok, sent = map(int, line.split()[1:])
+    assert ok == 150, err.decode()
+    assert sum(f.kind == "hello" for f in frames) == 1 + 150 // 60  # the periodic hello ran locked too
+    assert sent == len(frames) and [f.seq for f in frames] == list(range(len(frames)))

@@ -53,6 +53,18 @@ class Link:
         board = getattr(hw, "board", None)
         self.board = board.get("name", "?") if isinstance(board, dict) else "?"
         self.node_id = node_id or default_node_id(hw)
+        # Resolved once, as bytes, so the periodic hello allocates nothing.
+        self.board = self.board.encode()
+        try:
+            from canopy.node import FW_VERSION
+        except ImportError:
+            FW_VERSION = "0"
+        try:
+            from canopy.fw_hash import FW_HASH  # written by the deploy step, if any
+        except ImportError:
+            FW_HASH = "dev"
+        self.fw_version = FW_VERSION.encode()
+        self.fw_hash = FW_HASH.encode()
         self.enc = Encoder(self.node_id, node.boot_id)
         self.parser = CommandParser(self.node_id, node.boot_id)
         self.report_every = max(1, int(report_every))
@@ -73,7 +85,7 @@ class Link:
         self._last_tick = -1
         self._readings = 0
         self._digest_cfg = None
-        self._digest = ""
+        self._digest = b""
         self.eof = False
         self.frames_out = 0
 
@@ -84,28 +96,22 @@ class Link:
         self.frames_out += 1
 
     def _cfg_digest(self):
+        # Recomputed only when the node's config object changes (after `set`).
         cfg = getattr(self.node, "cfg", None)
         if cfg is not self._digest_cfg:
             self._digest_cfg = cfg
             try:
                 from canopy import config
 
-                self._digest = config.digest(cfg)
+                self._digest = config.digest(cfg).encode()
             except Exception:  # noqa: BLE001 - a digest problem must not stop the link
-                self._digest = "unknown"
+                self._digest = b"unknown"
         return self._digest
 
     def send_hello(self):
         cfg = getattr(self.node, "cfg", None) or {}
-        try:
-            from canopy.node import FW_VERSION
-        except ImportError:
-            FW_VERSION = "0"
-        try:
-            from canopy.fw_hash import FW_HASH  # written by the deploy step, if any
-        except ImportError:
-            FW_HASH = "dev"
-        self._send(self.enc.hello(self.board, FW_VERSION, FW_HASH, cfg.get("version", 0), self._cfg_digest()))
+        self._send(self.enc.hello(self.board, self.fw_version, self.fw_hash,
+                                  cfg.get("version", 0), self._cfg_digest()))
         self._hello_due = False
 
     def _integrators(self):

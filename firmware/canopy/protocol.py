@@ -52,6 +52,7 @@ _FRAME = const(1)
 _SKIP = const(2)
 
 _HEX = b"0123456789abcdef"
+_TEXT_TYPES = (str, bytes, bytearray)  # built once: a literal tuple would allocate per call
 _HEADER = b"@CNP1 "
 COMMANDS = ("status", "set", "identify", "calibrate", "reboot")
 
@@ -210,7 +211,7 @@ class Encoder:
         elif isinstance(v, int):
             self._int(v)
         else:
-            self._str(v if isinstance(v, (str, bytes, bytearray)) else str(v))
+            self._str(v if isinstance(v, _TEXT_TYPES) else str(v))
 
     def _begin(self, kind):
         self.n = 0
@@ -234,7 +235,7 @@ class Encoder:
         self._byte(_SP)
         self._put(key)
         self._byte(61)
-        self._str(value if isinstance(value, (str, bytes, bytearray)) else str(value), cap)
+        self._str(value if isinstance(value, _TEXT_TYPES) else str(value), cap)
 
     def _finish(self):
         n = self.n
