@@ -46,7 +46,7 @@ def _traces(cal, adc_t, adc_p, adc_h):
     return rw, re_, w.trace, e.trace
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(domain_case())
 def test_int32_model_never_wraps_in_domain(case) -> None:
     cal, adc_t, adc_p, adc_h = case
@@ -110,7 +110,7 @@ def test_viper_kernel_source_matches_reference_at_32_and_64_bits() -> None:
     mods = viper32.load_widths(FIRMWARE_DIR / "canopy" / "bme280.py", whole_module=False)
     rng = random.Random(32)
     names = list(DOMAIN_CAL)
-    for i in range(300):
+    for i in range(1000):
         cal = {k: (lo, hi)[rng.randrange(2)] if rng.random() < 0.4 else rng.randint(lo, hi)
                for k, (lo, hi) in DOMAIN_CAL.items()}
         if i == 0:
