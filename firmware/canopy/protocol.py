@@ -64,7 +64,7 @@ READING_KEYS = ("t_raw", "p_raw", "h_raw", "t", "p", "h", "shade", "mist", "fan"
 def _crc_table():
     # IEEE 802.3 / zlib CRC-32, reflected polynomial. Built once with plain ints,
     # stored as signed 32-bit so array('i') accepts every entry on both widths.
-    t = array("i", [0] * 256)
+    t = array("i", bytearray(1024))  # raw copy: no 256-item list on a small heap
     for i in range(256):
         c = i
         for _ in range(8):
