@@ -134,6 +134,29 @@ def run_mpy(firmware: Path, min_ms: float, repeats: int, names: list[str]) -> di
     return results
 
 
+def run_experiments(min_ms: float, repeats: int, rounds: int) -> list[dict]:
+    code = f"import experiments; experiments.main({min_ms}, {repeats}, {rounds})"
+    proc = subprocess.run(
+        micropython_command() + ["-c", code],
+        capture_output=True, text=True, env=mpy_env(FIRMWARE_DIR), timeout=600,
+    )
+    rows = [json.loads(line[len("@@EXP@@"):]) for line in proc.stdout.splitlines()
+            if line.startswith("@@EXP@@")]
+    if proc.returncode != 0 or not rows:
+        raise BenchError(f"experiments failed (exit {proc.returncode}):\n{proc.stderr}\n{proc.stdout[-2000:]}")
+    return rows
+
+
+def render_experiments(rows: list[dict]) -> str:
+    ref = rows[0]["ns"]
+    lines = ["| condition_kernel variant | ns/call | vs shipped | raw / baseline |",
+             "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['ns']:.1f} | {r['ns'] / ref:.2f} "
+                     f"| {r['raw_ns']:.1f}/{r['base_ns']:.1f} |")
+    return "\n".join(lines)
+
+
 def run_smoke(firmware: Path, spec: dict) -> dict:
     """Kernel trajectories from tests/bench/mpy/smoke.py against `firmware` (see there)."""
     code = ("import sys, json, smoke\n"
@@ -243,6 +266,26 @@ def collect(min_ms: float, repeats: int, names: list[str], rounds: int = 1) -> l
     return rows
 
 
+def machine() -> str:
+    """CPU model and core count, as the doc reports them."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, nproc={os.cpu_count()}"
+
+
+def loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _f(v: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -331,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated subset of {','.join(KERNELS)}")
     ap.add_argument("--markdown", action="store_true", help="also print a markdown table")
     ap.add_argument("--json", type=Path, help="write the raw results to this file")
+    ap.add_argument("--experiments", action="store_true",
+                    help="instead: time the condition_kernel variants of tests/bench/mpy/experiments.py")
     args = ap.parse_args(argv)
     names = [k for k in args.kernels.split(",") if k]
     unknown = [k for k in names if k not in KERNELS]
@@ -341,14 +386,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.min_ms <= 0 or args.repeats < 1 or args.rounds < 1:
         print("bench: --min-ms must be > 0, --repeats and --rounds >= 1", file=sys.stderr)
         return 2
+    if args.experiments:
+        try:
+            exp = run_experiments(args.min_ms, args.repeats, args.rounds)
+        except BenchError as e:
+            print(f"bench: {e}", file=sys.stderr)
+            return 1
+        print(render_experiments(exp))
+        print(f"machine: {machine()}; load average {loadavg()}")
+        return 0
+    load_before = loadavg()
     try:
         rows = collect(args.min_ms, args.repeats, names, args.rounds)
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
+    load_after = loadavg()
     print(f"== firmware kernels (best of {args.repeats} x {args.rounds} rounds, "
           f">= {args.min_ms:g} ms per measurement) ==")
     print(render_text(rows))
+    print(f"machine: {machine()}; load average {load_before} before, {load_after} after")
+    busy = max(x for x in (load_before, load_after, 0.0) if x is not None)
+    if busy > (os.cpu_count() or 1) - 0.5:
+        print("WARNING: the machine was busy during the run; wall-clock figures are inflated by "
+              "preemption (ratios within one form are less affected). Re-run when it is idle.")
     if args.markdown:
         print()
         print(render_markdown(rows))
