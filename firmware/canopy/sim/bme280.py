@@ -21,7 +21,7 @@ Usage::
 
     from canopy.sim.i2c import SimI2C
     from canopy.sim.bme280 import SimBME280
-    sensor = SimBME280(clock_ms=world.clock_ms)
+    sensor = SimBME280(clock_ms=world.clock_ms)   # calibration={"H4": -12} overrides defaults
     bus = SimI2C(); bus.attach(0x76, sensor)
     sensor.set_environment(24.5, 100800.0, 61.0)
 """
