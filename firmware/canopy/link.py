@@ -230,6 +230,7 @@ class Link:
                     self._out.flush()
                 except AttributeError:
                     pass
+                _drain_tx()
                 node.reboot()
         except (ValueError, TypeError, KeyError) as e:
             self._send(self.enc.error(counter, "bad_args", str(e)))
@@ -247,6 +248,17 @@ class Link:
         if t != self._last_tick and (self._last_tick < 0 or t - self._last_tick >= self.report_every):
             self._last_tick = t
             self.send_reading()
+
+
+def _drain_tx():
+    # A UART still holds the reply when machine.reset() would cut it off; ~10 ms
+    # carries a 250-byte frame out at 115200 baud.
+    try:
+        import time
+
+        time.sleep_ms(20)
+    except (ImportError, AttributeError):
+        pass
 
 
 def _only(args, allowed):
