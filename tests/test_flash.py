@@ -240,11 +240,13 @@ def test_erase_wipes_the_rest_of_flash(capsys, image_file):
 def test_output_is_routed_to_each_nodes_sink_and_logger_restored(image_file):
     board = load_board("esp32-devkitc")
     image = parse_image(image_file("ESP32").read_bytes())
-    before = EspLog.instance
+    import esptool.loader
+
+    before, before_hex = EspLog.instance, esptool.loader.HexFormatter
     sinks: dict[str, ListSink] = {}
     with fake("ESP32") as a, fake("ESP32") as b:
         reports = flash_nodes([a.url, b.url], board, image, FAST, connect_attempts=1, make_sink=lambda p: sinks.setdefault(p, ListSink()))
-    assert EspLog.instance is before
+    assert EspLog.instance is before and esptool.loader.HexFormatter is before_hex
     assert [r.result for r in reports] == ["ok", "ok"]
     for own, other in ((a.url, b.url), (b.url, a.url)):
         text = "\n".join(sinks[own].lines)

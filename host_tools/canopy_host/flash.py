@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 import esptool.cmds as esp_cmds
+import esptool.loader as esp_loader
 from esp_pylib.logger import EspLog, EspLogBase
 from esptool.loader import ESPLoader
 from esptool.util import FatalError, flash_size_bytes
@@ -156,16 +157,29 @@ class _RoutingLogger(EspLogBase):
             sink.progress(cur_iter, total_iters, prefix.strip())
 
 
+class _UnformattedHex(esp_loader.HexFormatter):
+    """esptool 5.6 builds its trace strings with f-strings, which format a hex dump of
+    every 16 KB block even with tracing off: seconds of CPU per image, and with the
+    GIL shared by all flashing threads it was what stopped 8 nodes scaling. We never
+    enable tracing, so the dump is reduced to its length."""
+
+    def __str__(self) -> str:
+        return f"<{len(self._s)} bytes>"
+
+
 @contextlib.contextmanager
-def esptool_logging() -> Iterator[_RoutingLogger]:
-    """Install the routing logger; put esptool's own logger back afterwards."""
+def esptool_session() -> Iterator[_RoutingLogger]:
+    """Install the routing logger (and cheap trace formatting); restore esptool's afterwards."""
     previous = EspLog.instance
+    previous_hex = esp_loader.HexFormatter
     router = _RoutingLogger(previous)
     EspLog.set_logger(router)
+    esp_loader.HexFormatter = _UnformattedHex
     try:
         yield router
     finally:
         EspLog.instance = previous
+        esp_loader.HexFormatter = previous_hex
 
 
 # --------------------------------------------------------------------------- policy
@@ -388,7 +402,7 @@ def flash_nodes(
     if not ports:
         raise CanopyError("no ports to flash: pass --port PORT (see `canopy ports`) or --all")
     sinks = {p: (make_sink(p) if make_sink else _NullSink()) for p in ports}
-    with esptool_logging() as router:
+    with esptool_session() as router:
 
         def one(port: str) -> NodeReport:
             with router.route(sinks[port]):

@@ -15,6 +15,7 @@ def main() -> int:
     p.add_argument("--flash-mb", type=int, default=4)
     p.add_argument("--baud", type=int, default=115200, help="rate the ROM starts at")
     p.add_argument("--no-pace", action="store_true", help="answer at full speed, ignoring baud")
+    p.add_argument("--reset-on-connect", action="store_true", help="back to the ROM on every connection (auto-reset circuit)")
     p.add_argument("--no-sync", action="store_true")
     p.add_argument("--bad-write", action="store_true")
     p.add_argument("--drop-after", type=int)
@@ -28,7 +29,7 @@ def main() -> int:
             initial_baud=a.baud,
             faults=Faults(no_sync=a.no_sync, bad_write=a.bad_write, drop_after=a.drop_after),
         )
-        fakes.append(FakeEsp(cfg, pace=not a.no_pace).start())
+        fakes.append(FakeEsp(cfg, pace=not a.no_pace, reset_on_connect=a.reset_on_connect).start())
         print(fakes[-1].url, flush=True)
     try:
         sys.stdin.read()  # parent closes stdin (or Ctrl-D) to stop us

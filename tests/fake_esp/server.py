@@ -16,38 +16,35 @@ import time
 
 from .device import DropConnection, FakeConfig, FakeEspDevice
 
-SLIP_END = 0xC0
-SLIP_ESC = 0xDB
-
-
 def slip_encode(payload: bytes) -> bytes:
     return b"\xc0" + payload.replace(b"\xdb", b"\xdb\xdd").replace(b"\xc0", b"\xdb\xdc") + b"\xc0"
 
 
 class SlipDecoder:
+    """Split a byte stream into SLIP frames (whole-buffer operations: a paced transfer of
+    megabytes to several fakes must not be limited by a per-byte Python loop)."""
+
     def __init__(self) -> None:
-        self._buf: bytearray | None = None
-        self._esc = False
+        self._partial: bytes | None = None  # bytes after an opening END, frame not closed yet
 
     def feed(self, data: bytes) -> list[bytes]:
         out: list[bytes] = []
-        for b in data:
-            if self._buf is None:
-                if b == SLIP_END:
-                    self._buf = bytearray()
-                continue  # noise between frames
-            if self._esc:
-                self._esc = False
-                self._buf.append({0xDC: SLIP_END, 0xDD: SLIP_ESC}.get(b, b))
-            elif b == SLIP_ESC:
-                self._esc = True
-            elif b == SLIP_END:
-                if self._buf:
-                    out.append(bytes(self._buf))
-                    self._buf = None
-                # an empty frame is a back-to-back END: keep it as the start of the next
+        pieces = data.split(b"\xc0")
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            if self._partial is None:
+                if not last:
+                    self._partial = b""  # an END opens a frame; bytes before it are noise
+                continue
+            if last:
+                self._partial += piece  # no closing END in this buffer yet
+                continue
+            raw = self._partial + piece
+            if raw:
+                out.append(raw.replace(b"\xdb\xdc", b"\xc0").replace(b"\xdb\xdd", b"\xdb"))
+                self._partial = None
             else:
-                self._buf.append(b)
+                self._partial = b""  # back-to-back END: the second one opens the next frame
         return out
 
 
@@ -76,9 +73,11 @@ class FakeEsp:
             assert dev.flash[0x1000:0x1000 + n] == image
     """
 
-    def __init__(self, config: FakeConfig | None = None, pace: bool = True) -> None:
+    def __init__(self, config: FakeConfig | None = None, pace: bool = True, reset_on_connect: bool = False) -> None:
         self.device = FakeEspDevice(config or FakeConfig())
         self.pace = pace
+        # like a dev board's auto-reset circuit: opening the port puts the chip back in the ROM
+        self.reset_on_connect = reset_on_connect
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.1)
         self.port = self._listener.getsockname()[1]
@@ -119,6 +118,8 @@ class FakeEsp:
             except OSError:
                 return
             self.connections += 1
+            if self.reset_on_connect:
+                self.device.reset()
             with conn:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 try:
