@@ -110,7 +110,8 @@ def make_bytecode_tree(out_dir: Path) -> Path:
 
 def mpy_env(firmware: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["MICROPYPATH"] = ":".join([str(MPY_DIR), str(firmware), ".frozen"])
+    # tests/mpy holds the kernels' representative bench inputs (kernels_bench_inputs.py).
+    env["MICROPYPATH"] = ":".join([str(MPY_DIR), str(firmware), str(REPO_ROOT / "tests" / "mpy"), ".frozen"])
     return env
 
 

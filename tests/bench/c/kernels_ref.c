@@ -139,10 +139,10 @@ KERNEL static int32_t health_empty(const int32_t *r, const int32_t *L, int32_t *
     return 0;
 }
 
-/* ---- bench state: the defaults of firmware/canopy/config.py ------------------------ */
+/* ---- bench state: as tests/mpy/kernels_bench_inputs.py builds it ------------------- */
 
 static int32_t k_raw[3] = {2512, 101325, 51200};
-static int32_t k_meas[3] = {2750, 101325, 60 * 1024};
+static int32_t k_meas[3];
 static int32_t k_out[3];
 static int32_t k_hist[15], k_ema[3];
 static int32_t k_shift[3] = {2, 3, 2};
@@ -153,23 +153,41 @@ static int32_t k_hst[7];
 
 static void kernels_setup(void)
 {
+    /* canopy/control.py rows for DEFAULT_CONFIG:
+     * ch, sp, kp, ki, elim = min(2**30 // max(kp, ki, 1), 2**22), lo, hi, slew,
+     * block_en, block_ch, block_thr */
     static const int32_t par[33] = {
-        /* ch, sp, kp, ki, elim, lo, hi, slew, block_en, block_ch, block_thr */
         0, 2600, 25 * 65536, 65536 / 20, (1 << 30) / (25 * 65536), 0, 10000, 500, 0, 0, 0,
         0, 2900, 33 * 65536, 65536 / 10, (1 << 30) / (33 * 65536), 0, 10000, 10000, 1, 2, 85 * 1024,
         2, 70 * 1024, 65536, 65536 / 500, 1 << 14, 0, 10000, 1000, 0, 0, 0,
     };
+    static const int32_t spikes[3] = {9000, 50000, 1000};
+    int32_t raw0[3] = {2512, 101325, 51200};
     for (int i = 0; i < 33; i++)
         k_par[i] = par[i];
+    /* condition_args(): primed history, one spike per channel in slot 4, ring slot 2 */
     for (int c = 0; c < 3; c++) {
+        k_raw[c] = raw0[c];
         for (int i = 0; i < 5; i++)
-            k_hist[c * 5 + i] = k_raw[c] + i - 2;
-        k_ema[c] = k_raw[c] << 8;
+            k_hist[c * 5 + i] = raw0[c];
+        k_hist[c * 5 + 4] = spikes[c];
+        k_ema[c] = raw0[c] << 8;
     }
+    /* control_args(): the controller's start state (safe shade 5000, safe fan 3000),
+     * then 5 steps at 29.50 degC, 75 %RH */
+    int32_t st0[6] = {0, 5000, 0, 0, 0, 3000};
     for (int i = 0; i < 6; i++)
-        k_cst[i] = 0;
+        k_cst[i] = st0[i];
+    k_meas[0] = 2950;
+    k_meas[1] = 101325;
+    k_meas[2] = 75 * 1024;
+    for (int i = 0; i < 5; i++)
+        control_ref(k_meas, k_par, k_cst, k_out, 3);
+    /* health_args(): one healthy check of raw0, then T differs by one count */
     for (int i = 0; i < 7; i++)
         k_hst[i] = 0;
+    health_ref(k_raw, k_lim, k_hst, 3, 1);
+    k_raw[0] = 2513;
 }
 
 static void condition_loop(long n)

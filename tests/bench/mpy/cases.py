@@ -5,8 +5,10 @@ same loop gives the loop + call overhead to subtract. The kernels are called dir
 (the module-level viper functions), with the buffers their classes would pass, so the
 figure is the kernel's own cost; `tick` is the whole `Node.tick()`.
 
-The inputs are the defaults of canopy/config.py and a reading of about 27 degC,
-101 kPa, 46 %RH, the same as the C reference's (tests/bench/c/).
+Inputs: condition/control/health take the kernels' own representative arguments
+(tests/mpy/kernels_bench_inputs.py: a running node's state on the common path); the
+BME280 case uses the datasheet's example calibration and a burst of about 27 degC,
+101 kPa, 46 %RH. The C reference (tests/bench/c/) starts from the same values.
 """
 
 from array import array
@@ -64,34 +66,30 @@ class _EmptyNode:
         pass
 
 
-def _condition():
-    from canopy.condition import SIGN, Conditioner, condition_kernel
+def _with_sign(args):
+    # kernels_bench_inputs passes the viper mask; the bytecode build needs its own.
+    return args[:-1] + (SIGN,)
 
-    c = Conditioner(3, (2, 3, 2))
-    raw = _ints((2512, 101325, 51200))
-    out = _ints((0, 0, 0))
-    c.reset(raw)
-    args = (raw, c._hist, c._ema, c._shift, out, 3, 2, SIGN)
-    return condition_kernel, args, _empty_condition, ""
+
+def _condition():
+    from canopy.condition import condition_kernel
+    from kernels_bench_inputs import condition_args
+
+    return condition_kernel, _with_sign(condition_args()), _empty_condition, ""
 
 
 def _control():
-    from canopy.config import DEFAULT_CONFIG
-    from canopy.control import SIGN, Controller, control_kernel
+    from canopy.control import control_kernel
+    from kernels_bench_inputs import control_args
 
-    c = Controller(DEFAULT_CONFIG)
-    meas = _ints((2750, 101325, 60 * 1024))
-    out = _ints((0, 0, 0))
-    return control_kernel, (meas, c._par, c._st, out, 3, SIGN), _empty_control, ""
+    return control_kernel, _with_sign(control_args()), _empty_control, ""
 
 
 def _health():
-    from canopy.config import DEFAULT_CONFIG
-    from canopy.health import SIGN, SensorHealth, health_kernel
+    from canopy.health import health_kernel
+    from kernels_bench_inputs import health_args
 
-    h = SensorHealth(DEFAULT_CONFIG)
-    raw = _ints((2512, 101325, 51200))
-    return health_kernel, (raw, h._lim, h._st, 3, 1, SIGN), _empty_health, ""
+    return health_kernel, _with_sign(health_args()), _empty_health, ""
 
 
 class _TickDriver:
