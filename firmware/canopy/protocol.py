@@ -34,6 +34,7 @@ MAX_NODE_ID = const(16)
 MAX_STR = const(64)
 TAG_HEX = const(32)  # reserved HMAC tag: 16 bytes as hex (see docs/protocol.md)
 SEQ_WRAP = const(0x3FFFFFFF)  # stays a small int on the ESP32
+_SIGN = 1 << 31  # passed into viper (a literal this big does not compile for the ESP32)
 
 # push() results
 NONE = const(0)
@@ -95,6 +96,50 @@ def _crc_hex(buf: ptr8, start: int, end: int, table: ptr32, dst: ptr8, pos: int,
         k -= 1
 
 
+@micropython.viper
+def _put_ints(dst: ptr8, pos: int, vals: ptr32, n: int, s: int, lim: int) -> int:
+    # Writes n int32 values from vals as comma-separated decimals at dst[pos:];
+    # returns the new end, or -1 past lim. `s` is 1 << 31 from the caller, for
+    # portable sign extension: ptr32 loads are zero-extended on unix x64 and signed
+    # on the ESP32.
+    i = 0
+    while i < n:
+        if pos + 12 > lim:
+            return -1
+        if i > 0:
+            dst[pos] = 44
+            pos += 1
+        v = vals[i]
+        v = (v ^ s) - s  # wrap-ok: sign-extension idiom
+        if v < 0:
+            dst[pos] = 45
+            pos += 1
+            # First digit taken with floor division by -10: works for -2**31, whose
+            # magnitude has no int32.
+            start = pos
+            dst[pos] = 48 - (v % -10)
+            pos += 1
+            v = v // -10
+        else:
+            start = pos
+            dst[pos] = 48 + v % 10
+            pos += 1
+            v = v // 10
+        while v > 0:
+            dst[pos] = 48 + v % 10
+            pos += 1
+            v = v // 10
+        j = pos - 1
+        while start < j:
+            c = dst[start]
+            dst[start] = dst[j]
+            dst[j] = c
+            start += 1
+            j -= 1
+        i += 1
+    return pos
+
+
 def crc_hex(data, start=0, end=-1):
     """CRC-32 (zlib) of data[start:end] as 8 lowercase hex bytes (allocates; for tests/tools)."""
     if end < 0:
@@ -141,6 +186,7 @@ class Encoder:
         self.buf = bytearray(MAX_FRAME + 40)
         self.n = 0
         self._over = False
+        self._vals = array("i", bytearray(60))  # the 15 reading values
 
     # -- low level, allocation-free for small ints and bytes constants --
     def _put(self, src):
@@ -253,26 +299,27 @@ class Encoder:
 
     # -- frame types --
     def reading(self, raw, meas, out, faults, failsafe, tick, integ):
-        """raw/meas/out: 3-item int sequences; integ: 3 integrators or None."""
+        """raw/meas/out: 3-item int sequences; integ: 3 integrators or None.
+
+        Values are reported as int32 (the node's ints all are); one viper call
+        formats all 15, which is several times faster than a digit loop in bytecode.
+        """
+        v = self._vals
+        for i in range(3):
+            v[i] = raw[i]
+            v[3 + i] = meas[i]
+            v[6 + i] = out[i]
+            v[12 + i] = integ[i] if integ is not None else 0
+        v[9] = faults
+        v[10] = 1 if failsafe else 0
+        v[11] = tick
         self._begin(82)  # 'R'
         self._byte(_SP)
-        for i in range(3):
-            self._int(raw[i])
-            self._byte(44)
-        for i in range(3):
-            self._int(meas[i])
-            self._byte(44)
-        for i in range(3):
-            self._int(out[i])
-            self._byte(44)
-        self._int(faults)
-        self._byte(44)
-        self._int(1 if failsafe else 0)
-        self._byte(44)
-        self._int(tick)
-        for i in range(3):
-            self._byte(44)
-            self._int(integ[i] if integ is not None else 0)
+        n = _put_ints(self.buf, self.n, v, 15, _SIGN, MAX_FRAME)
+        if n < 0:
+            self._over = True
+        else:
+            self.n = n
         return self._finish()
 
     def hello(self, board, fw_version, fw_hash, cfg_version, cfg_digest):
