@@ -47,14 +47,19 @@ def default_node_id(hw=None):
 
 
 class Link:
+    """Frames for `node` on stdout, commands from stdin (or the given streams).
+
+    report_every: send a reading every N ticks. inp/out: streams with `readinto` /
+    `write(buf, n)` (default: the console). max_read: bytes taken per service() call.
+    """
+
     def __init__(self, node, node_id=None, report_every=1, inp=None, out=None, max_read=256):
         self.node = node
         hw = getattr(node, "hw", None)
-        board = getattr(hw, "board", None)
-        self.board = board.get("name", "?") if isinstance(board, dict) else "?"
         self.node_id = node_id or default_node_id(hw)
-        # Resolved once, as bytes, so the periodic hello allocates nothing.
-        self.board = self.board.encode()
+        # Hello values resolved once, as bytes, so the periodic hello allocates nothing.
+        board = getattr(hw, "board", None)
+        self.board = (board.get("name", "?") if isinstance(board, dict) else "?").encode()
         try:
             from canopy.node import FW_VERSION
         except ImportError:
