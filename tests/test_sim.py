@@ -19,7 +19,7 @@ import serial
 
 from canopy_host import transport
 from canopy_host.errors import CanopyError
-from canopy_host.protocol import FrameParser
+from canopy_host.protocol import FrameParser, encode_command
 from canopy_host.sim import SimConfig, Supervisor, parse_fault
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="virtual nodes need Linux ptys")
@@ -27,10 +27,11 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="virtual nodes n
 REPO = Path(__file__).resolve().parents[1]
 
 
-def read_until(port: serial.Serial, pattern: bytes, timeout: float = 5.0) -> bytes:
+def read_until(port: serial.Serial, pattern: bytes | tuple[bytes, ...], timeout: float = 5.0) -> bytes:
+    patterns = pattern if isinstance(pattern, tuple) else (pattern,)
     data = b""
     end = time.monotonic() + timeout
-    while pattern not in data and time.monotonic() < end:
+    while not any(p in data for p in patterns) and time.monotonic() < end:
         data += port.read(max(1, port.in_waiting))
     return data
 
@@ -130,10 +131,32 @@ def test_ctrl_c_lands_in_the_repl_and_ctrl_d_soft_reboots(firmware_nodes: Superv
         port.write(b"print(6 * 7)\r")
         assert b"42\r\n>>> " in read_until(port, b"42\r\n>>> ")
         port.write(b"\x04")  # soft reset: a new process, main.py runs again
-        out = read_until(port, b"R t=", timeout=10)
+        # main.py runs again: a frame (protocol link) or a text reading (text link).
+        out = read_until(port, (b"@CNP", b"R t="), timeout=10)
         assert b"soft reboot\r\n" in out
         assert b"R t=" in out or b"@CNP" in out
     assert node.pid != pid_before and not alive(pid_before)
+
+
+def test_reboot_command_restarts_the_node_like_a_board(firmware_nodes: Supervisor) -> None:
+    # The firmware's reboot (SystemExit out of main.py) must become a new boot, not a REPL.
+    node = firmware_nodes.node("n01")
+    pid_before = node.pid
+    with transport.open_port(node.port, timeout=0.1) as port:
+        parser = FrameParser()
+        hellos: list[int] = []
+        end = time.monotonic() + 10
+        while not hellos and time.monotonic() < end:
+            frames = parser.feed(port.read(max(1, port.in_waiting)))
+            hellos += [f.boot for f in frames if f.kind in ("reading", "hello")]
+        assert hellos, f"no frames from the firmware: {parser.text_lines[-5:]}"
+        port.write(encode_command("n01", 1, "reboot", {}))
+        boots: set[int] = set()
+        end = time.monotonic() + 10
+        while time.monotonic() < end and not any(b > hellos[0] for b in boots):
+            boots |= {f.boot for f in parser.feed(port.read(max(1, port.in_waiting))) if f.kind == "hello"}
+    assert any(b > hellos[0] for b in boots), "no hello from a new boot after the reboot command"
+    assert node.reboots[-1] == "reset" and node.pid != pid_before and not alive(pid_before)
 
 
 # -- serial-level faults -------------------------------------------------------------------
@@ -173,25 +196,34 @@ def test_sim_json_zones_seeds_and_sensor_faults(tmp_path: Path) -> None:
     assert other["n01"]["seed"] != sims["n01"]["seed"] and other["n01"]["zone_seed"] != sims["n01"]["zone_seed"]
 
 
-def _garbage_run(directory: Path, seed: int) -> bytes:
-    cfg = SimConfig(nodes=1, directory=directory, seed=seed, speed=1.0,
-                    faults=[parse_fault("n01:garbage=200@1")])
-    with Supervisor(cfg) as sup, transport.open_port(sup.nodes[0].port, timeout=0.1) as port:
-        assert b"main ran" in read_until(port, b"main ran\r\n")
-        time.sleep(0.2)
-        port.read(port.in_waiting)
-        data = b""
-        end = time.monotonic() + 1.5
+def test_garbage_injects_random_bytes_reproducibly(tmp_path: Path) -> None:
+    # Three runs side by side: seed 11 twice and seed 12, each node silent after "main ran".
+    sups = []
+    for i, seed in enumerate((11, 11, 12)):
+        d = tmp_path / f"run{i}"
+        (d / "n01").mkdir(parents=True)
+        (d / "n01" / "main.py").write_text(QUIET_MAIN)
+        sups.append(Supervisor(SimConfig(nodes=1, directory=d, seed=seed, speed=1.0,
+                                         faults=[parse_fault("n01:garbage=200@1")])))
+    ports = []
+    try:
+        for sup in sups:
+            sup.start()
+            ports.append(transport.open_port(sup.nodes[0].port, timeout=0.05))
+        for port in ports:
+            assert b"main ran" in read_until(port, b"main ran\r\n")
+        got = [b"" for _ in ports]
+        end = time.monotonic() + 2.0
         while time.monotonic() < end:
-            data += port.read(max(1, port.in_waiting))
-    return data
-
-
-def test_garbage_injects_random_bytes_reproducibly(quiet_dir: Path) -> None:
-    first = _garbage_run(quiet_dir, seed=11)
-    again = _garbage_run(quiet_dir, seed=11)
-    other = _garbage_run(quiet_dir, seed=12)
-    assert len(first) == 200  # the node itself is silent, so these are the injected bytes
+            for i, port in enumerate(ports):
+                got[i] += port.read(max(1, port.in_waiting))
+    finally:
+        for port in ports:
+            port.close()
+        for sup in sups:
+            sup.stop()
+    first, again, other = got
+    assert len(first) == 200, first  # the node itself is silent, so these are the injected bytes
     assert len(set(first)) > 50 and any(b >= 0x80 for b in first)
     assert again == first
     assert other != first and len(other) == 200
@@ -199,7 +231,7 @@ def test_garbage_injects_random_bytes_reproducibly(quiet_dir: Path) -> None:
 
 def test_disconnect_and_reboot_faults(quiet_dir: Path) -> None:
     cfg = SimConfig(nodes=2, directory=quiet_dir, speed=2.0,
-                    faults=[parse_fault("n01:disconnect@2/3"), parse_fault("n02:reboot@2")])
+                    faults=[parse_fault("n01:disconnect@2/3"), parse_fault("n02:reboot@3")])
     with Supervisor(cfg) as sup:
         n1, n2 = sup.nodes
         old_port, n1_pid, n2_pid = n1.port, n1.pid, n2.pid
@@ -207,7 +239,7 @@ def test_disconnect_and_reboot_faults(quiet_dir: Path) -> None:
         p1 = transport.open_port(old_port, timeout=0.1)
         p2 = transport.open_port(n2.port, timeout=0.1)
         assert b"main ran" in read_until(p1, b"main ran")
-        assert b"main ran" in read_until(p2, b"main ran")
+        out2 = read_until(p2, b"main ran")
 
         # n01 unplugged after 1 s of wall time: the open handle fails like a pulled cable.
         with pytest.raises(serial.SerialException):
@@ -221,8 +253,11 @@ def test_disconnect_and_reboot_faults(quiet_dir: Path) -> None:
         assert not Path(old_port).exists()
 
         # n02 was power-cycled meanwhile: new process, main.py ran again.
-        out = read_until(p2, b"main ran", timeout=3)
-        assert b"main ran" in out and n2.pid != n2_pid and not alive(n2_pid)
+        out2 += read_until(p2, b"POWERON_RESET", timeout=3)
+        after = out2.split(b"POWERON_RESET", 1)[-1]
+        after += read_until(p2, b"main ran", timeout=3) if b"main ran" not in after else b""
+        assert b"POWERON_RESET" in out2 and b"main ran" in after, out2
+        assert n2.pid != n2_pid and not alive(n2_pid) and n2.reboots == ["reboot fault"]
         p2.close()
 
         # n01 comes back after 1.5 s of wall time, at a path published in the state file,
@@ -249,20 +284,15 @@ def test_cli_ctrl_c_stops_every_node(quiet_dir: Path) -> None:
         [sys.executable, "-m", "canopy_host.cli", "sim", "--nodes", "2", "--dir", str(quiet_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        end = time.monotonic() + 15
-        pids: list[int] = []
-        while time.monotonic() < end and proc.poll() is None:
-            try:
-                nodes = json.loads(state.read_text())["nodes"]
-                pids = [n["pid"] for n in nodes if n["pid"]]
-            except (OSError, ValueError):
-                pass
-            if len(pids) == 2:
-                break
-            time.sleep(0.05)
+        assert proc.stdout is not None
+        head = ""
+        while "Ctrl-C stops all nodes." not in head and proc.poll() is None:
+            head += proc.stdout.readline()
+        pids = [n["pid"] for n in json.loads(state.read_text())["nodes"]]
         assert len(pids) == 2 and all(alive(p) for p in pids)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=15)
+        out = head + out
     finally:
         if proc.poll() is None:
             proc.kill()

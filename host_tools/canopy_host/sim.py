@@ -468,13 +468,15 @@ class VirtualNode:
             self._next_boot = ("hard", b"\r\nrst:0x1 (POWERON_RESET) virtual node %s: %s\r\n" % (self.node_id.encode(), why.encode()))
             delay = max(delay, downtime)
             self.reboots.append(why)
-        elif rc == 0:
+        elif rc == 0 or rc == -signal.SIGUSR2:
+            # Ctrl-D in a REPL, or sys.exit() out of main.py (the boot shim's SIGUSR2).
             self._next_boot = ("raw" if self._mode == "raw" else "soft", SOFT_REBOOT)
             self.reboots.append("soft-raw" if self._mode == "raw" else "soft")
         else:
-            cause = "machine.reset()" if rc == RESET_STATUS else f"crash, exit status {rc}"
+            reset = rc in (RESET_STATUS, -signal.SIGUSR1)
+            cause = "reset" if reset else f"crash, exit status {rc}"
             self._next_boot = ("hard", b"\r\nrst:0xc (SW_CPU_RESET) virtual node %s: %s\r\n" % (self.node_id.encode(), cause.encode()))
-            self.reboots.append("reset" if rc == RESET_STATUS else f"crash:{rc}")
+            self.reboots.append("reset" if reset else f"crash:{rc}")
         self._restart_at = now + delay
         self.state = "rebooting"
         self.sup.node_changed(self)

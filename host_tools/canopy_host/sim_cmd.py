@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     sup = Supervisor(cfg, on_message=say)
     try:
+        # Ctrl-C at any point, even while the nodes are starting, is a clean stop.
         sup.start()
         if args.json:
             print(json.dumps(sup.state(), indent=1), flush=True)
@@ -89,10 +90,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"state file: {cfg.state_path}")
             print("Ctrl-C stops all nodes." if args.duration is None else f"Stopping after {args.duration:g} s.",
                   flush=True)
-        try:
-            sup.run(args.duration)
-        except KeyboardInterrupt:
-            pass
+        sup.run(args.duration)
+    except KeyboardInterrupt:
+        pass
     finally:
         sup.stop()
         signal.signal(signal.SIGTERM, previous)

@@ -15,8 +15,9 @@ virtual node, with the node's folder (its "flash") as the current directory::
 
 The unix port has no ``machine.reset``; mpremote's ``reset`` needs one, so a thin
 ``machine`` stand-in that adds it (and delegates everything else) goes into
-``sys.modules``; ``os`` gets the same treatment so ``os.ilistdir`` reports file sizes. Exiting the process with status 3 is what the supervisor reads as
-a hard reset, the same status the simulated HAL uses for ``node.reboot()``.
+``sys.modules``; ``os`` gets the same treatment so ``os.ilistdir`` reports file sizes. Exiting the process with status 3 (from the REPL) or SIGUSR1 (from
+boot.py/main.py, see ``_end_process``) is what the supervisor reads as a hard reset;
+status 3 is also what the simulated HAL raises for ``node.reboot()``.
 """
 
 import os
@@ -88,12 +89,21 @@ def _firmware_main():
     return None, None
 
 
+def _end_process(code):
+    # On the chip, SystemExit out of main.py resets it (a soft reset for sys.exit(),
+    # a hard one for machine.reset()/node.reboot()). The unix port's -i would swallow it
+    # and open the REPL, and it has no os._exit, so the process signals itself; the
+    # supervisor reads SIGUSR2 as a soft and SIGUSR1 as a hard reset.
+    os.system("kill -%s $PPID" % ("USR2" if not code else "USR1"))
+
+
 def _run(path, src):
     # Boards keep going after a failing boot.py/main.py and show the traceback;
-    # only an explicit reset (SystemExit) ends the "board" run.
+    # only a reset (SystemExit) ends the "board" run.
     try:
         exec(compile(src, path, "exec"), globals())
-    except SystemExit:
+    except SystemExit as e:
+        _end_process(e.args[0] if e.args else 0)
         raise
     except BaseException as e:  # KeyboardInterrupt included: Ctrl-C lands in the REPL
         sys.print_exception(e)
