@@ -50,8 +50,8 @@ def open_port(url_or_path: str, baud: int = DEFAULT_BAUD, *, timeout: float | No
     try:
         port = serial.serial_for_url(url_or_path, baudrate=baud, timeout=timeout,
                                      do_not_open=True)
-        if not is_url(url_or_path):
-            port.exclusive = exclusive
+        if exclusive and not is_url(url_or_path):
+            port.exclusive = True  # left unset otherwise: Windows rejects exclusive=False
         port.open()
     except (serial.SerialException, OSError, ValueError) as exc:
         hint = ""
