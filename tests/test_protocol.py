@@ -19,6 +19,7 @@ from canopy_host.protocol import (
     READING_KEYS,
     Frame,
     FrameParser,
+    SeqStatus,
     SeqTracker,
     encode_command,
     encode_frame,
@@ -233,13 +234,18 @@ def _ev(boot: int, seq: int, node: str = "n01") -> Frame:
 def test_seq_tracker_gaps_duplicates_reboots() -> None:
     t = SeqTracker()
     assert t.observe(_ev(1, 0)).new_boot
-    assert t.observe(_ev(1, 1)) == type(t.observe(_ev(1, 2)))()  # in order: nothing to report
+    assert t.observe(_ev(1, 1)) == SeqStatus()  # in order: nothing to report
+    assert t.observe(_ev(1, 2)) == SeqStatus()
     assert t.observe(_ev(1, 6)).gap == (3, 5)
     assert t.observe(_ev(1, 6)).duplicate
     assert t.observe(_ev(1, 4)).duplicate
     assert t.observe(_ev(2, 0)).new_boot
     assert t.observe(_ev(1, 0, node="n02")).new_boot
-    assert t.observe(_ev(2, 1)) .gap is None
+    assert t.observe(_ev(2, 1)) == SeqStatus()
+    # the node's sequence wraps after 2**30 - 1
+    assert t.observe(_ev(3, 0x3FFFFFFF)).new_boot
+    assert t.observe(_ev(3, 0)) == SeqStatus()
+    assert t.observe(_ev(3, 3)).gap == (1, 2)
 
 
 # ---------------------------------------------------------------- the spec
