@@ -7,6 +7,7 @@ node actually sends; the host parser is the protocol helper's `FrameParser`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -335,3 +336,58 @@ def test_bad_port_is_a_clear_error_and_the_others_are_followed(tmp_path, frames)
     out, err = alone.communicate(timeout=20)
     assert alone.returncode == 2
     assert b"error" in err and b"Traceback" not in err
+
+
+# -- port discovery and the dashboard --------------------------------------------------
+
+
+class _Port:
+    def __init__(self, device: str, vid: int | None, pid: int | None, serial: str | None) -> None:
+        self.device, self.vid, self.pid, self.serial_number = device, vid, pid, serial
+
+
+def test_usb_discovery_by_board_vid_pid_and_refind_by_serial(monkeypatch):
+    import canopy_host.monitor as mon
+
+    ports = [
+        _Port("/dev/ttyUSB0", 0x10C4, 0xEA60, "A1B2"),  # CP210x: esp32-devkitc & co (boards/*.json)
+        _Port("/dev/ttyACM0", 0x303A, 0x1001, "F4:12:FA:00:11:22"),  # Espressif USB-Serial/JTAG
+        _Port("/dev/ttyUSB1", 0x0403, 0x6001, "FT1"),  # FTDI: no board uses it
+        _Port("/dev/ttyS0", None, None, None),
+        _Port("/dev/ttyUSB2", 0x1A86, 0x7523, "0001"),  # two CH340s with the same serial
+        _Port("/dev/ttyUSB3", 0x1A86, 0x7523, "0001"),
+    ]
+    monkeypatch.setattr(mon, "_comports", lambda: list(ports))
+    specs = {s.path: s for s in mon.discover_usb_specs()}
+    assert sorted(specs) == ["/dev/ttyACM0", "/dev/ttyUSB0", "/dev/ttyUSB2", "/dev/ttyUSB3"]
+    assert specs["/dev/ttyUSB2"].resolver is None  # ambiguous serial: keep the path
+    # Replug: the CP2102 comes back as ttyUSB4; it is found by its serial number.
+    ports[0] = _Port("/dev/ttyUSB4", 0x10C4, 0xEA60, "A1B2")
+    assert specs["/dev/ttyUSB0"].resolve() == "/dev/ttyUSB4"
+    ports.pop(0)  # unplugged: the last known path is kept for the next attempt
+    assert specs["/dev/ttyUSB0"].resolve() == "/dev/ttyUSB4"
+
+
+def test_dashboard_row_shows_latest_values_in_units():
+    from rich.console import Console
+
+    from canopy_host.dashboard import render
+    from canopy_host.monitor import PortSpec
+
+    collector = Collector(None, clock=lambda: 1000.0)
+    ps = collector.add_port(PortSpec(label="/dev/pts/3", path="/dev/pts/3", zone="A"))
+    idle = collector.add_port(PortSpec(label="/dev/ttyUSB9", path="/dev/ttyUSB9"))
+    idle.status = "cannot open: busy"
+    frames = [_Fake("n01", 4, s) for s in (0, 1, 5)]
+    frames[-1].fields = {"t": 2508, "p": 100653, "h": 47445, "shade": 2550, "mist": 0, "fan": 10000,
+                         "faults": 3, "failsafe": 1}
+    collector.ingest(ps, object(), frames, 1000.0)
+    nodes, ports = collector.snapshot()
+    console = Console(record=True, width=300, file=io.StringIO())
+    console.print(render(nodes, ports, ["/dev/ttyUSB9: cannot open"], 1000.0, "t"))
+    text = console.export_text()
+    row = next(line for line in text.splitlines() if "n01" in line)
+    # 2508 -> 25.08 °C, 100653 Pa -> 1006.5 hPa, 47445/1024 -> 46.3 %RH, 2550/100 -> 26 %
+    for want in ("A", "25.08", "1006.5", "46.3", "26/0/100", "FAILSAFE 0x3", "1 (3)", "gap 2..4"):
+        assert want in row, (want, row)
+    assert any("/dev/ttyUSB9" in line and "cannot open: busy" in line for line in text.splitlines())
