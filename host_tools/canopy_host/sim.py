@@ -591,6 +591,18 @@ class Supervisor:
     def start(self) -> None:
         micropython_command()  # fail early, with the install hint, if the unix port is missing
         self._check_not_running()
+        try:
+            self._prepare_nodes()
+        except OSError as exc:
+            raise CanopyError(f"cannot set up the node folders under {self.cfg.directory}: {exc}") from exc
+        self._started = True
+        for n in self.nodes:
+            n.start()
+        for n in self.nodes:
+            n.wait_ready()
+        self.write_state()
+
+    def _prepare_nodes(self) -> None:
         cfg = self.cfg
         cfg.directory.mkdir(parents=True, exist_ok=True)
         for i in range(1, cfg.nodes + 1):
@@ -615,12 +627,6 @@ class Supervisor:
             (folder / "sim.json").write_text(json.dumps(sim, indent=1) + "\n")
             self.nodes.append(VirtualNode(self, nid, zone, folder, sim,
                                           [f for f in mine if f.kind in SERIAL_FAULTS]))
-        self._started = True
-        for n in self.nodes:
-            n.start()
-        for n in self.nodes:
-            n.wait_ready()
-        self.write_state()
 
     def stop(self) -> None:
         for n in self.nodes:

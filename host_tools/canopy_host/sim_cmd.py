@@ -34,27 +34,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "sim",
         help="run virtual nodes (real firmware in the unix port) on pseudo-terminals",
         description=(
-            "Start N virtual canopy nodes: the real firmware in MicroPython unix-port processes, "
-            "each with its own folder (its flash) and a pseudo-terminal that mpremote, "
-            "`canopy monitor` and `canopy deploy` open like a USB serial port."
+            "Start N virtual canopy nodes: the real firmware in MicroPython unix-port processes,\n"
+            "each with its own folder (its flash) and a pseudo-terminal that mpremote,\n"
+            "`canopy monitor` and `canopy deploy` open like a USB serial port (docs/simulation.md)."
         ),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--nodes", "-n", type=int, default=2, help="number of virtual nodes (default 2)")
-    p.add_argument("--zones", type=int, default=1, help="spread the nodes over Z zones sharing a microclimate (default 1)")
-    p.add_argument("--seed", type=int, default=1, help="run seed: weather, sensor noise, garbage bytes (default 1)")
-    p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second (default 1)")
+    p.add_argument("--nodes", "-n", type=int, metavar="N", default=2, help="number of virtual nodes (default 2)")
+    p.add_argument("--zones", type=int, metavar="Z", default=1, help="spread the nodes over Z zones sharing a microclimate (default 1)")
+    p.add_argument("--seed", type=int, metavar="S", default=1, help="run seed: weather, sensor noise, garbage bytes (default 1)")
+    p.add_argument("--speed", type=float, metavar="X", default=1.0, help="simulated seconds per wall second (default 1)")
     kinds = weather_kinds()
-    p.add_argument("--weather", default="hot",
+    p.add_argument("--weather", default="hot", metavar="W",
                    help="weather kind" + (f" ({', '.join(kinds)})" if kinds else "") + " (default hot)")
     p.add_argument("--fault", action="append", default=[], metavar="NODE:KIND[=VALUE][@T][/DURATION]",
                    help=f"inject a fault; KIND is one of {', '.join(FAULT_KINDS)}; NODE is an id (n01), "
                         "a number, or all; repeatable")
-    p.add_argument("--dir", default="var/sim", help="folder holding one sub-folder per node (default var/sim)")
-    p.add_argument("--state", default=None, help="state file for other tools (default DIR/state.json)")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many wall seconds (default: until Ctrl-C)")
-    p.add_argument("--heapsize", default=None, help="MicroPython heap per node, e.g. 128k (default: unix-port default)")
+    p.add_argument("--dir", default="var/sim", metavar="DIR", help="folder holding one sub-folder per node (default var/sim)")
+    p.add_argument("--state", metavar="FILE", default=None, help="state file for other tools (default DIR/state.json)")
+    p.add_argument("--duration", type=float, metavar="SEC", default=None, help="stop after this many wall seconds (default: until Ctrl-C)")
+    p.add_argument("--heapsize", metavar="SIZE", default=None, help="MicroPython heap per node, e.g. 128k (default: unix-port default)")
     p.add_argument("--fresh", action="store_true", help="wipe the node folders first (a factory-new flash)")
     p.add_argument("--json", action="store_true", help="print the state as JSON instead of a table")
     p.set_defaults(func=run)
