@@ -69,6 +69,18 @@ class TextLink:
     def service(self, now_ms):
         node = self.node
         secs = node.ticks * node.period_ms // 1000
+        if self._last < 0:
+            c = node.cfg
+            self._write(
+                "I node boot=%d tick=%dms setpoints: T=%sC mist above %sC fan above H=%s%% "
+                "mist blocked at H=%s%%"
+                % (
+                    node.boot_id, c["tick_ms"], _fixed(c["t_setpoint"], 100),
+                    _fixed(c["mist_t_setpoint"], 100), _fixed(c["h_setpoint"], 1024),
+                    _fixed(c["h_ceiling"], 1024),
+                )
+            )
+            self._last = 0
         while True:
             ev = node.pop_event()
             if ev is None:
@@ -122,7 +134,7 @@ def loop(node, link, run_ms=0):
         now = hw.ticks_ms()
         link.service(now)
         node.service()
-        if run_ms and ticks_diff(now, start) + node.period_ms > run_ms:
+        if run_ms and ticks_diff(now, start) + node.period_ms >= run_ms:
             return
         deadline = ticks_add(deadline, node.period_ms)
         wait = ticks_diff(deadline, hw.ticks_ms())

@@ -53,6 +53,8 @@ BME280_ADDR = const(0x76)
 # is broken, not miscalibrated.
 _CAL_LIMIT = (1000, 5000, 20 * 1024)
 BOOT_ID_FILE = "boot_id"
+# Ticks a conversion may stay unfinished before the sensor counts as missing.
+_LATE_TICKS = const(3)
 
 __all__ = ("Node", "EVENT_NAMES", "FAULT_MISSING", "FAULT_STUCK", "FAULT_RANGE")
 
@@ -91,6 +93,7 @@ class Node:
         self.readings = 0  # good readings since boot
         self.sensor = None
         self._pending = False
+        self._late = 0
         self._ev_code = array("i", bytes(4 * EVENT_SLOTS))
         self._ev_arg = array("i", bytes(4 * EVENT_SLOTS))
         self._ev_head = 0
@@ -150,6 +153,13 @@ class Node:
                 if s.ready():
                     s.read_into(self.raw)
                     got = True
+                    self._late = 0
+                elif self._late < _LATE_TICKS:
+                    # Conversion still running (first tick after boot, or a tick period
+                    # shorter than the conversion): hold everything, read it next tick.
+                    self._late += 1
+                    self._status_led()
+                    return
             except OSError:  # not bound: binding would allocate
                 pass
         faults = self.health.check(self.raw, got)

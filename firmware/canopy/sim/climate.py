@@ -39,7 +39,7 @@ MAX_DT = 2.0  # integration sub-step (s); the fastest time constant is TAU_S/4
 # kind -> (mean temperature C, daily swing C, mean RH %, peak sun 0..1)
 KINDS = {
     "hot": (33.0, 4.0, 35.0, 1.0),
-    "mild": (22.0, 3.0, 55.0, 0.8),
+    "mild": (21.0, 3.0, 55.0, 0.6),
     "humid": (29.0, 3.0, 75.0, 0.8),
     "cool": (15.0, 2.0, 65.0, 0.4),
 }
@@ -71,7 +71,7 @@ class Rng:
 class Weather:
     """Ambient conditions of a zone as a pure function of simulated seconds."""
 
-    def __init__(self, zone_seed=0, kind="hot", start_hour=13.0):
+    def __init__(self, zone_seed=0, kind="mild", start_hour=13.0, gusts=1.0):
         if kind not in KINDS:
             raise ValueError("unknown weather %r (one of %s)" % (kind, ", ".join(sorted(KINDS))))
         self.kind = kind
@@ -80,8 +80,9 @@ class Weather:
         r = Rng(zone_seed)
         # Slow gusts of warm/cool air and passing clouds: a few seeded sinusoids with
         # periods of minutes to an hour, so minutes-long runs see weather change.
-        self.t_waves = [(r.uniform(0.2, 0.6), r.uniform(600, 3600), r.uniform(0, 6.283)) for _ in range(3)]
-        self.cloud_waves = [(r.uniform(0.1, 0.3), r.uniform(300, 2400), r.uniform(0, 6.283)) for _ in range(3)]
+        # `gusts` scales them (0 = a steady day, for step-response tests).
+        self.t_waves = [(gusts * r.uniform(0.2, 0.6), r.uniform(600, 3600), r.uniform(0, 6.283)) for _ in range(3)]
+        self.cloud_waves = [(gusts * r.uniform(0.1, 0.3), r.uniform(300, 2400), r.uniform(0, 6.283)) for _ in range(3)]
         self.p_base = 101325.0 + r.uniform(-800, 800)
         self.p_phase = r.uniform(0, 6.283)
 

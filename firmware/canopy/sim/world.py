@@ -4,6 +4,7 @@ Built from the virtual node's ``sim.json`` (see docs/firmware.md)::
 
     {"node_id": "n01", "zone": "A", "seed": 1234, "zone_seed": 77, "speed": 10.0,
      "weather": "hot", "board": "unix-sim",
+     "start_hour": 13.0, "gusts": 1.0,          # optional: local time at boot, weather gustiness
      "faults": [{"at_s": 300, "kind": "stuck|drift|spike|sensor_off",
                  "duration_s": 120, "value": 0.02}]}
 
@@ -76,7 +77,12 @@ class World:
         self.sim = sim
         self.node_id = sim.get("node_id", "sim")
         self.now_ms = 0
-        self.weather = Weather(int(sim.get("zone_seed", 0)), sim.get("weather", "mild"))
+        kind = sim.get("weather", "mild")
+        try:
+            self.weather = Weather(int(sim.get("zone_seed", 0)), kind, float(sim.get("start_hour", 13.0)),
+                                   float(sim.get("gusts", 1.0)))
+        except ValueError as e:
+            raise SimError("sim.json: %s" % e)
         self.canopy = Canopy(self.weather, int(sim.get("seed", 0)))
         self.faults = parse_faults(sim.get("faults"))
         self._spiked = [False] * len(self.faults)

