@@ -246,6 +246,12 @@ def test_read_sim_state_accepts_the_sim_format_and_rejects_junk(tmp_path):
                                        {"node_id": "n02", "zone": "B", "port": None}]}))
     assert [(e["node"], e["zone"], e["path"]) for e in read_sim_state(p)] == [("n01", "A", "/dev/pts/3"),
                                                                              ("n02", "B", None)]
+    spec = sim_specs(p)[0]
+    assert spec.resolve() == "/dev/pts/3"
+    write_state(p, "n01", None)  # unplugged: never retry the old pty number, it may be reused
+    assert spec.resolve() is None
+    write_state(p, "n01", "/dev/pts/8")
+    assert spec.resolve() == "/dev/pts/8"
     p.write_text("{not json")
     with pytest.raises(CanopyError, match="cannot read sim state"):
         read_sim_state(p)
@@ -383,11 +389,16 @@ def test_dashboard_row_shows_latest_values_in_units():
                          "faults": 3, "failsafe": 1}
     collector.ingest(ps, object(), frames, 1000.0)
     nodes, ports = collector.snapshot()
-    console = Console(record=True, width=300, file=io.StringIO())
-    console.print(render(nodes, ports, ["/dev/ttyUSB9: cannot open"], 1000.0, "t"))
-    text = console.export_text()
-    row = next(line for line in text.splitlines() if "n01" in line)
+    wide = Console(record=True, width=300, file=io.StringIO())
+    wide.print(render(nodes, ports, ["/dev/ttyUSB9: cannot open"], 1000.0, "t", width=300))
+    narrow = Console(record=True, width=120, file=io.StringIO())  # a common terminal width
+    narrow.print(render(nodes, ports, [], 1000.0, "t", width=120))
     # 2508 -> 25.08 °C, 100653 Pa -> 1006.5 hPa, 47445/1024 -> 46.3 %RH, 2550/100 -> 26 %
-    for want in ("A", "25.08", "1006.5", "46.3", "26/0/100", "FAILSAFE 0x3", "1 (3)", "gap 2..4"):
-        assert want in row, (want, row)
-    assert any("/dev/ttyUSB9" in line and "cannot open: busy" in line for line in text.splitlines())
+    for console, wants in ((wide, ("A", "25.08", "1006.5", "46.3", "26/0/100", "FAILSAFE 0x3", "1 (3)", "gap 2..4")),
+                           (narrow, ("25.08", "1006.5", "46.3", "26/0/100", "FAILSAFE 0x3", "1(3)/0/0/0"))):
+        text = console.export_text()
+        row = next(line for line in text.splitlines() if "n01" in line)
+        for want in wants:
+            assert want in row, (want, row)
+        assert "…" not in row  # nothing squashed away
+        assert any("ttyUSB9" in line and "cannot open" in line for line in text.splitlines())

@@ -48,35 +48,42 @@ def _link(n: NodeState) -> Text:
     return Text(f"DOWN {n.port or ''}".strip(), style="bold red")
 
 
-def render(nodes: list[NodeState], ports: list[PortState], messages: list[str], now: float, title: str) -> Group:
+WIDE = 170  # below this many columns, the compact layout (merged link counters)
+
+
+def render(nodes: list[NodeState], ports: list[PortState], messages: list[str], now: float, title: str,
+           width: int = WIDE) -> Group:
+    compact = width < WIDE
     table = Table(title=title, expand=False, header_style="bold", pad_edge=False)
-    for name, justify in (
-        ("node", "left"),
-        ("zone", "left"),
-        ("link", "left"),
-        ("boot", "right"),
-        ("T °C", "right"),
-        ("P hPa", "right"),
-        ("RH %", "right"),
-        ("shade/mist/fan %", "right"),
-        ("health", "left"),
-        ("f/s", "right"),
-        ("frames", "right"),
-        ("gaps (missing)", "right"),
-        ("dup", "right"),
-        ("reboots", "right"),
-        ("crc", "right"),
-        ("garbage B", "right"),
-        ("last event", "left"),
-    ):
+    cols: list[tuple[str, str]] = [("node", "left")]
+    if not compact:
+        cols += [("zone", "left")]
+    cols += [("link", "left")]
+    if not compact:
+        cols += [("boot", "right")]
+    cols += [("T °C", "right"), ("hPa", "right"), ("RH %", "right"),
+             ("sh/mi/fan %" if compact else "shade/mist/fan %", "right"),
+             ("health", "left"), ("f/s", "right"), ("frames", "right")]
+    if compact:
+        cols += [("gap/dup/rb/crc", "right")]
+    else:
+        cols += [("gaps (missing)", "right"), ("dup", "right"), ("reboots", "right"), ("crc", "right"),
+                 ("garbage B", "right")]
+    cols += [("last event", "left")]
+    for name, justify in cols:
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for n in nodes:
         r = n.last_reading
-        table.add_row(
-            n.node,
-            n.zone or "",
-            _link(n),
-            "-" if n.boot is None else str(n.boot),
+        row: list[Any] = [n.node]
+        if not compact:
+            row.append(n.zone or "")
+        link = _link(n)
+        if compact and n.port:  # /dev/pts/7 -> pts/7: the node id already says who it is
+            link = Text(link.plain.replace("/dev/", "")[-12:], style=link.style)
+        row.append(link)
+        if not compact:
+            row.append("-" if n.boot is None else str(n.boot))
+        row += [
             _fmt_scaled(r.get("t"), 100, 2),
             _fmt_scaled(r.get("p"), 100, 1),
             _fmt_scaled(r.get("h"), 1024, 1),
@@ -84,17 +91,27 @@ def render(nodes: list[NodeState], ports: list[PortState], messages: list[str], 
             _health(r),
             f"{n.rate(now):.1f}",
             str(n.frames),
-            Text(f"{n.gaps} ({n.missing})", style="yellow" if n.gaps else ""),
-            str(n.duplicates),
-            Text(str(n.reboots), style="yellow" if n.reboots else ""),
-            Text(str(n.crc_errors), style="yellow" if n.crc_errors else ""),
-            str(n.garbage_bytes),
-            n.last_event[:40],
-        )
+        ]
+        trouble = n.gaps or n.reboots or n.crc_errors or n.duplicates
+        if compact:
+            row.append(Text(f"{n.gaps}({n.missing})/{n.duplicates}/{n.reboots}/{n.crc_errors}",
+                            style="yellow" if trouble else ""))
+        else:
+            row += [
+                Text(f"{n.gaps} ({n.missing})", style="yellow" if n.gaps else ""),
+                str(n.duplicates),
+                Text(str(n.reboots), style="yellow" if n.reboots else ""),
+                Text(str(n.crc_errors), style="yellow" if n.crc_errors else ""),
+                str(n.garbage_bytes),
+            ]
+        row.append(n.last_event[:16] if compact else n.last_event[:40])
+        table.add_row(*row)
     known = {n.node for n in nodes}
-    for p in ports:  # ports that have not shown a node yet
+    for p in ports:  # ports that have not shown a node yet: their status as last event
         if p.node is None and p.spec.node_hint not in known:
-            table.add_row(p.spec.label, "", Text(p.status[:60], style="dim"), *[""] * 14)
+            label = p.spec.label.replace("/dev/", "") if compact else p.spec.label
+            status = Text(p.status[:16] if compact else p.status[:60], style="dim")
+            table.add_row(label, *[""] * (len(cols) - 2), status)
     parts: list[Any] = [table]
     for m in messages[-5:]:
         parts.append(Text(m, style="yellow"))
@@ -105,7 +122,10 @@ class Dashboard:
     def __init__(self, collector: Collector, *, console: Console | None = None, title: str = "canopy monitor") -> None:
         self.collector = collector
         self.title = title
-        self.console = console or Console(stderr=False)
+        self.console = console or Console()
+        if not self.console.is_terminal:
+            # Piped or redirected: nobody resizes this, print the full-width table.
+            self.console.width = max(self.console.width, WIDE)
         self._live = Live(console=self.console, auto_refresh=False, transient=False)
 
     def _renderable(self) -> Group:
@@ -113,7 +133,7 @@ class Dashboard:
         now = self.collector.clock()
         elapsed = now - self.collector.started
         title = f"{self.title} — {len(nodes)} node(s), {self.collector.total_frames} frames, {elapsed:.0f} s"
-        return render(nodes, ports, list(self.collector.messages), now, title)
+        return render(nodes, ports, list(self.collector.messages), now, title, self.console.width)
 
     def refresh(self) -> None:
         self._live.update(self._renderable(), refresh=True)

@@ -60,15 +60,21 @@ class PortSpec:
     zone: str | None = None
     resolver: Callable[[], str | None] | None = None  # re-locates the port (replug)
     must_exist: bool = False  # a typed-in path that does not exist is a user mistake
+    # USB: if the serial-number lookup finds nothing, retry the last path (lookups can
+    # fail where sysfs is missing). Sim: "no port" is authoritative; the old pty
+    # number may already belong to another process.
+    keep_last_path: bool = True
 
     def resolve(self) -> str | None:
         if self.resolver is not None:
             try:
                 found = self.resolver()
-            except Exception:  # a half-written state file etc.: keep the last path
+            except Exception:  # an unreadable state file etc.: try again later
                 found = None
             if found:
                 self.path = found
+            elif not self.keep_last_path:
+                return None
         return self.path
 
 
@@ -194,6 +200,7 @@ def sim_specs(state_file: str | Path) -> list[PortSpec]:
                 usb_serial=entry["usb_serial"],
                 zone=entry["zone"],
                 resolver=resolve,
+                keep_last_path=False,
             )
         )
     if not specs:
@@ -519,14 +526,17 @@ def _copy_node(s: NodeState) -> NodeState:
 
 
 def default_opener(path: str, baud: int) -> Any:
+    # Exclusive (an advisory flock, as mpremote takes): two readers on one port would
+    # each get half of the bytes, i.e. gaps and garbage that are not the node's fault.
+    # It also keeps a second monitor off a pty number a restarted sim has reused.
     try:
         from .transport import open_port
     except ImportError:  # transport.py not installed: same call it would make
         import serial
 
-        ser = serial.serial_for_url(path, baudrate=baud, timeout=0.1)
+        ser = serial.serial_for_url(path, baudrate=baud, timeout=0.1, exclusive=None if _is_url(path) else True)
     else:
-        ser = open_port(path, baud)
+        ser = open_port(path, baud, exclusive=True)
     ser.timeout = 0.1
     return ser
 
