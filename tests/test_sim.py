@@ -215,12 +215,13 @@ def test_garbage_injects_random_bytes_reproducibly(tmp_path: Path) -> None:
         while time.monotonic() < end:
             for i, port in enumerate(ports):
                 got[i] += port.read(max(1, port.in_waiting))
+        dbg = [(sup.nodes[0].info(), sup.nodes[0].reboots, sup.nodes[0]._thread.is_alive(), sup.nodes[0]._client_connected()) for sup in sups]
     finally:
         for port in ports:
             port.close()
         for sup in sups:
             sup.stop()
-    assert all(b"main ran\r\n" in g for g in got), got
+    assert all(b"main ran\r\n" in g for g in got), (got, dbg)
     first, again, other = (g.replace(b"main ran\r\n", b"", 1) for g in got)
     assert len(first) == 200, first  # the node itself is silent, so these are the injected bytes
     assert len(set(first)) > 50 and any(b >= 0x80 for b in first)

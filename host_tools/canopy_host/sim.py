@@ -66,6 +66,7 @@ SOFT_REBOOT = b"MPY: soft reboot\r\n"
 GARBAGE_REPEAT_S = 0.5
 POLL_MS = 20
 PENDING_MAX = 4096
+REBOOT_HISTORY = 100
 
 
 @dataclass(frozen=True)
@@ -477,6 +478,9 @@ class VirtualNode:
             cause = "reset" if reset else f"crash, exit status {rc}"
             self._next_boot = ("hard", b"\r\nrst:0xc (SW_CPU_RESET) virtual node %s: %s\r\n" % (self.node_id.encode(), cause.encode()))
             self.reboots.append("reset" if reset else f"crash:{rc}")
+            if not reset:
+                self.sup.message(f"{self.node_id}: process died (exit status {rc}); restarting in {delay:.1f} s")
+        del self.reboots[:-REBOOT_HISTORY]
         self._restart_at = now + delay
         self.state = "rebooting"
         self.sup.node_changed(self)
