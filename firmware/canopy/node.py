@@ -94,6 +94,7 @@ class Node:
         self.sensor = None
         self._pending = False
         self._late = 0
+        self._faulted = False
         self._ev_code = array("i", bytes(4 * EVENT_SLOTS))
         self._ev_arg = array("i", bytes(4 * EVENT_SLOTS))
         self._ev_head = 0
@@ -173,6 +174,7 @@ class Node:
         for i in range(3):
             adj[i] = raw[i] + cal[i]
         if faults:
+            self._faulted = True
             if not self.failsafe:
                 self.failsafe = True
                 self._push(EV_FAILSAFE, faults)
@@ -183,7 +185,8 @@ class Node:
                 # Stale history from before the fault must not leak into the new estimate.
                 self.cond.reset(adj)
                 self.failsafe = False
-                if self.readings > 1:
+                if self._faulted:  # not on the first reading after a clean boot
+                    self._faulted = False
                     self._push(EV_RECOVERED, 0)
             self.cond.update(adj, self.meas)
             self.ctrl.step(self.meas, self.out)
