@@ -37,6 +37,8 @@ def node(tmp_path_factory: pytest.TempPathFactory):
 
 def test_exec_interrupts_the_firmware_and_runs_code(node) -> None:
     assert mpremote(node.port, "exec", "print(1+1)").stdout.strip() == "2"
+    # Through the stable by-id symlink too (mpremote then polls instead of treating it as a pty).
+    assert mpremote(str(node.by_id), "exec", "print(2+3)").stdout.strip() == "5"
     # The firmware's modules are importable on the "board", like on flash.
     out = mpremote(node.port, "exec", "import canopy.config as c; print(type(c.DEFAULT_CONFIG).__name__)")
     assert out.stdout.strip() == "dict"

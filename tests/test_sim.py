@@ -104,6 +104,7 @@ def test_two_nodes_stream_readings_on_their_ptys(firmware_nodes: Supervisor) -> 
     assert state["running"] and state["supervisor_pid"] == os.getpid()
     for entry, node in zip(state["nodes"], firmware_nodes.nodes):
         assert entry["port"] == node.port and entry["port"].startswith("/dev/pts/")
+        assert os.path.realpath(entry["by_id"]) == entry["port"] and entry["serial_number"] in entry["by_id"]
         assert alive(entry["pid"])
         assert transport.resolve_port(f"sim:{entry['node_id']}", firmware_nodes.cfg.state_path) == entry["port"]
         sim = json.loads((Path(entry["folder"]) / "sim.json").read_text())
@@ -250,7 +251,7 @@ def test_disconnect_and_reboot_faults(quiet_dir: Path) -> None:
         p1.close()
         entry = json.loads(state_path.read_text())["nodes"][0]
         assert entry["state"] == "disconnected" and entry["port"] is None, entry
-        assert not Path(old_port).exists()
+        assert not Path(old_port).exists() and not n1.by_id.exists()
 
         # n02 was power-cycled meanwhile: new process, main.py ran again.
         out2 += read_until(p2, b"POWERON_RESET", timeout=3)
@@ -268,6 +269,7 @@ def test_disconnect_and_reboot_faults(quiet_dir: Path) -> None:
         entry = json.loads(state_path.read_text())["nodes"][0]
         assert entry["state"] == "running" and entry["port"]
         assert entry["pid"] == n1_pid and alive(n1_pid)
+        assert os.path.realpath(entry["by_id"]) == entry["port"]  # the stable name follows it
         with transport.open_port(transport.resolve_port("n01", state_path), timeout=0.1) as p1:
             p1.write(b"\x03")
             p1.write(b"print('back', 1 + 2)\r")

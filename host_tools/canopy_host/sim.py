@@ -241,6 +241,9 @@ class VirtualNode:
         self.folder = folder
         self.sim = sim
         self.serial_number = usb_serial_number(nid)
+        # Like udev's /dev/serial/by-id links: a stable name that follows the device
+        # across unplug/replug, whatever /dev/pts number it gets.
+        self.by_id = (sup.cfg.directory / "by-id" / f"usb-Canopy_Virtual_Node_{self.serial_number}-if00").absolute()
         self.port: str | None = None
         self.pid: int | None = None
         self.state = "starting"
@@ -283,6 +286,7 @@ class VirtualNode:
             "node_id": self.node_id,
             "zone": self.zone,
             "port": self.port,
+            "by_id": str(self.by_id) if self.port else None,
             "serial_number": self.serial_number,
             "pid": self.pid,
             "state": self.state,
@@ -510,12 +514,21 @@ class VirtualNode:
         os.close(slave)
         os.set_blocking(master, False)
         self._pub = master
+        self.by_id.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.by_id.with_name(self.by_id.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(self.port)
+        os.replace(tmp, self.by_id)
 
     def _close_public(self) -> None:
         if self._pub >= 0:
             os.close(self._pub)  # the /dev/pts entry disappears; open handles get EIO
             self._pub = -1
         self.port = None
+        try:
+            self.by_id.unlink()
+        except OSError:
+            pass
 
     def _fault(self, kind: str, dur: float, value: float, now: float) -> None:
         if kind == "disconnect":
