@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -95,7 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run a virtual canopy node and show its readings (no hardware)",
-        description=__doc__.split("\n\n")[1].replace("\n", " "),
+        description=__doc__.split("\n\n")[1],
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -163,18 +165,19 @@ HEADER = (
 
 def summarise(s: Summary, run_s: int, wall_s: float) -> list[str]:
     rs = s.readings
-    if not rs:
-        return ["no readings arrived"]
-    temps = [r["T"] for r in rs]
+    # Failsafe readings repeat the last good values (or zeros before the first one).
+    healthy = [r for r in rs if not r["failsafe"]]
+    if not healthy:
+        return [f"no healthy readings in {len(rs)} ticks: the sensor never answered"]
+    temps = [r["T"] for r in healthy]
     lines = [
         f"simulated {run_s // 60} min {run_s % 60} s in {wall_s:.1f} s wall "
         f"({run_s / max(wall_s, 1e-6):.0f}x real time), {len(rs)} ticks",
-        f"temperature: start {temps[0]:.2f} C, end {temps[-1]:.2f} C, "
+        f"temperature (healthy ticks): start {temps[0]:.2f} C, end {temps[-1]:.2f} C, "
         f"min {min(temps):.2f} C, max {max(temps):.2f} C",
     ]
     if s.setpoint_c is not None:
         sp = s.setpoint_c
-        healthy = [r for r in rs if not r["failsafe"]]
         inside = sum(1 for r in healthy if abs(r["T"] - sp) <= BAND_C)
         first = next((int(r["t"]) for r in healthy if abs(r["T"] - sp) <= BAND_C), None)
         lines.append(
@@ -188,7 +191,9 @@ def summarise(s: Summary, run_s: int, wall_s: float) -> list[str]:
         f"mist {sum(r['mist'] for r in rs) / len(rs):.1f}% (on {100 * mist_on / len(rs):.0f}% of ticks), "
         f"fan {sum(r['fan'] for r in rs) / len(rs):.1f}%"
     )
-    fs = sum(1 for r in rs if r["failsafe"])
+    # Ticks before the first reading are start-up, not a fault.
+    first = next(i for i, r in enumerate(rs) if not r["failsafe"])
+    fs = sum(1 for r in rs[first:] if r["failsafe"])
     faults = [e for e in s.events if e[1] == "fault"]
     lines.append(
         f"sensor faults: {len(faults)}; failsafe for {fs} ticks; "
@@ -234,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
                 if m:
                     r = {k: float(v) for k, v in m.groupdict().items()}
                     summary.readings.append(r)
-                    if len(summary.readings) % every == 0 or len(summary.readings) == 1:
+                    first_healthy = not r["failsafe"] and not shown_header
+                    if len(summary.readings) % every == 0 or first_healthy:
                         if not shown_header:
                             print(HEADER)
                             shown_header = True
@@ -260,6 +266,12 @@ def run(args: argparse.Namespace) -> int:
             proc.kill()
             proc.wait()
             raise
+        except BrokenPipeError:
+            # `canopy demo | head`: the reader has gone, which is not an error.
+            proc.kill()
+            proc.wait()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         wall = time.monotonic() - start
     if rc != 0:
         tail = "\n".join(stderr.strip().splitlines()[-12:])
