@@ -124,5 +124,13 @@ def test_open_errors_are_clear(tmp_path):
     junk.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(CanopyError, match="junk.db"):
         open_db(junk, create=False)
+    other = tmp_path / "other.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.commit()
+    con.close()
+    with pytest.raises(CanopyError, match="schema 1"):  # an older monitor's file: refuse, do not corrupt
+        Store(other)
     with pytest.raises(CanopyError, match="directory"):
         Store(tmp_path / "no" / "such" / "dir.db")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import os
 import re
 import sys
 from datetime import datetime, timedelta, timezone
@@ -156,7 +157,12 @@ def run(args: argparse.Namespace) -> int:
                 n = write_csv(con, out, nodes=args.node, since=since, until=until, quantities=quantities)
             print(f"canopy export: {n} rows -> {args.output}", file=sys.stderr)
         else:
-            n = write_csv(con, sys.stdout, nodes=args.node, since=since, until=until, quantities=quantities)
+            try:
+                n = write_csv(con, sys.stdout, nodes=args.node, since=since, until=until, quantities=quantities)
+                sys.stdout.flush()
+            except BrokenPipeError:  # `canopy export ... | head`: the reader has seen enough
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
         if n == 0:
             print("canopy export: no readings match (check --node/--since/--until)", file=sys.stderr)
     finally:

@@ -178,10 +178,14 @@ def open_db(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
             con.commit()
-        else:
-            row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None or int(row[0]) != SCHEMA_VERSION:
-                raise CanopyError(f"{str(path)!r} is not a canopy monitor database (schema {SCHEMA_VERSION})")
+        row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            con.close()
+            found = "no canopy schema" if row is None else f"schema {row[0]}"
+            raise CanopyError(
+                f"{str(path)!r} is not a canopy monitor database of schema {SCHEMA_VERSION} ({found}); "
+                "use another --db file"
+            )
     except sqlite3.DatabaseError as exc:
         raise CanopyError(f"cannot use database {str(path)!r}: {exc}") from None
     return con
