@@ -199,32 +199,34 @@ def test_sim_json_zones_seeds_and_sensor_faults(tmp_path: Path) -> None:
 
 def test_garbage_injects_random_bytes_reproducibly(tmp_path: Path) -> None:
     # Three runs side by side: seed 11 twice and seed 12; the node prints only "main ran".
+    # The garbage comes 3 s after start so the ports are open by then even on a busy machine.
     sups = []
     for i, seed in enumerate((11, 11, 12)):
         d = tmp_path / f"run{i}"
         (d / "n01").mkdir(parents=True)
         (d / "n01" / "main.py").write_text(QUIET_MAIN)
         sups.append(Supervisor(SimConfig(nodes=1, directory=d, seed=seed, speed=1.0,
-                                         faults=[parse_fault("n01:garbage=200@1.5")])))
+                                         faults=[parse_fault("n01:garbage=200@3")])))
     ports = []
     try:
+        t0 = time.monotonic()
         for sup in sups:
             sup.start()
             ports.append(transport.open_port(sup.nodes[0].port, timeout=0.05))
+        assert time.monotonic() - t0 < 2.5, "nodes took too long to start for this test's timing"
         got = [b"" for _ in ports]
-        end = time.monotonic() + 3.0
-        while time.monotonic() < end:
+        while time.monotonic() < t0 + 5.0:
             for i, port in enumerate(ports):
                 got[i] += port.read(max(1, port.in_waiting))
-        dbg = [(sup.nodes[0].info(), sup.nodes[0].reboots, sup.nodes[0]._thread.is_alive(), sup.nodes[0]._client_connected()) for sup in sups]
+        dbg = [(sup.nodes[0].info(), sup.nodes[0].reboots) for sup in sups]
     finally:
         for port in ports:
             port.close()
         for sup in sups:
             sup.stop()
-    assert all(b"main ran\r\n" in g for g in got), (got, dbg)
+    # "main ran" is there unless the node printed it before the port was opened.
     first, again, other = (g.replace(b"main ran\r\n", b"", 1) for g in got)
-    assert len(first) == 200, first  # the node itself is silent, so these are the injected bytes
+    assert len(first) == 200, (got, dbg)  # the node is otherwise silent: these are the injected bytes
     assert len(set(first)) > 50 and any(b >= 0x80 for b in first)
     assert again == first
     assert other != first and len(other) == 200
