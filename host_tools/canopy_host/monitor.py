@@ -44,6 +44,7 @@ FIRST_SEQ = 0
 SEQ_MODULUS = 0x40000000
 RATE_WINDOW_S = 10.0
 MAX_TEXT_LINE = 500
+MAX_GAP_RANGES = 1000  # kept in memory per node for the summary
 
 
 # -- where ports come from ------------------------------------------------------------
@@ -428,12 +429,15 @@ class Collector:
                 self._event(rx, ps, "duplicate", boot=f.boot, seq_from=f.seq, detail=f"after seq {last}")
         st.frames += 1
         st.last_rx = rx
-        st.recent.append(rx)
+        recent = st.recent
+        recent.append(rx)
+        while recent[0] < rx - RATE_WINDOW_S:  # bounded even when no dashboard asks
+            recent.popleft()
         self.total_frames += 1
         fields = f.fields
         if f.kind == "reading":
             st.readings += 1
-            st.last_reading = dict(fields)
+            st.last_reading = fields  # the parser makes a new dict per frame
         elif f.kind == "hello":
             st.hello = dict(fields)
             st.last_event = f"hello {fields.get('fw_version', '')}".strip()
@@ -459,7 +463,8 @@ class Collector:
     def _gap(self, ps: PortState, st: NodeState, rx: float, first: int, last: int) -> None:
         st.gaps += 1
         st.missing += last - first + 1
-        st.gap_ranges.append((int(st.boot or 0), first, last))
+        if len(st.gap_ranges) < MAX_GAP_RANGES:  # the store keeps all of them
+            st.gap_ranges.append((int(st.boot or 0), first, last))
         st.last_event = f"gap {first}..{last}" if first != last else f"gap {first}"
         self._event(rx, ps, "gap", boot=st.boot, seq_from=first, seq_to=last)
 
