@@ -8,7 +8,7 @@ import itertools
 import os
 import re
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from .errors import CanopyError
