@@ -567,7 +567,9 @@ class VirtualNode:
             self._inner = -1
         self._close_public()
         self.pid = None
-        self.state = "stopped"
+        if self.state != "failed":
+            self.state = "stopped"
+        self.sup.node_changed(self)
 
 
 def _kill_group(pid: int, sig: int) -> None:
