@@ -120,6 +120,11 @@ class Node:
         """
         was = self.sensor is not None
         try:
+            # Ask the bus first: scan() answers without raising, while every failed
+            # transfer raises (and re-raising one preallocated exception grows its
+            # traceback each time), so a long outage stays cheap.
+            if self.address not in self.hw.i2c.scan():
+                raise OSError(19)
             self.sensor = BME280(self.hw.i2c, address=self.address)
             self.sensor.start()
             self._pending = True

@@ -141,3 +141,21 @@ def commands(sim, script):
             break
         ev.append(list(e))
     return {"results": results, "events": ev, "led": led_changes}
+
+
+def leak_check(sim, warm, n):
+    """Run main.loop (text link to a null writer) and compare the live heap after `warm`
+    ticks with the live heap after `n` more: the steady-state loop must not grow."""
+    import gc
+
+    import main
+
+    hw, node = _build(sim, None)
+    link = main.TextLink(node, 1, out=lambda s: None)
+    main.loop(node, link, warm * node.period_ms)
+    gc.collect()
+    a = gc.mem_alloc()
+    main.loop(node, link, n * node.period_ms)
+    gc.collect()
+    b = gc.mem_alloc()
+    return [a, b, node.ticks]
