@@ -402,3 +402,36 @@ def test_dashboard_row_shows_latest_values_in_units():
             assert want in row, (want, row)
         assert "…" not in row  # nothing squashed away
         assert any("ttyUSB9" in line and "cannot open" in line for line in text.splitlines())
+
+
+def test_monitor_picks_up_virtual_nodes_started_later(tmp_path, frames):
+    state = tmp_path / "state.json"
+    ptys = {"n01": Pty()}
+    write_state(state, "n01", ptys["n01"].path)
+    proc = _canopy("monitor", "--sim-state", str(state), "--db", str(tmp_path / "m.db"), "--json")
+    try:
+        lines = _line_queue(proc.stdout)
+
+        def until_seen(node: str, line: bytes) -> None:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                ptys[node].write(line)
+                try:
+                    if json.loads(lines.get(timeout=0.2))["node"] == node:
+                        return
+                except queue.Empty:
+                    pass
+            raise AssertionError(f"monitor never reported {node}")
+
+        until_seen("n01", frames[("n01", 5, 1)])
+        ptys["n02"] = Pty()  # the sim grew a node: it appears in the state file
+        tmp = state.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"nodes": [{"node_id": n, "zone": "A", "port": p.path} for n, p in ptys.items()]}))
+        tmp.replace(state)
+        until_seen("n02", frames[("n02", 9, 1)])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+        for p in ptys.values():
+            p.unplug()
+    assert proc.returncode == 0

@@ -67,6 +67,29 @@ def _json_writer(out: Any, broken: threading.Event) -> Any:
     return write
 
 
+RESCAN_S = 2.0  # how often to look for newly plugged boards / newly started virtual nodes
+
+
+def _spec_key(spec: Any) -> str:
+    # Same identity rules as the readers: node id for virtual nodes, the USB serial
+    # number when it is unique (it survives a replug), else the path.
+    return str(spec.node_hint or (spec.usb_serial if spec.resolver else None) or spec.path)
+
+
+def _new_specs(args: argparse.Namespace, auto_usb: bool, known: set[str]) -> list[Any]:
+    from .monitor import discover_usb_specs, sim_specs
+
+    found: list[Any] = []
+    if args.sim_state:
+        try:
+            found += sim_specs(args.sim_state)
+        except CanopyError:  # the sim is restarting or gone: keep following what we have
+            pass
+    if auto_usb:
+        found += discover_usb_specs()
+    return [s for s in found if _spec_key(s) not in known]
+
+
 def _collect_specs(args: argparse.Namespace) -> list[Any]:
     from .monitor import discover_usb_specs, explicit_specs, sim_specs
 
@@ -134,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
 
     old_term = signal.signal(signal.SIGTERM, on_term)
     deadline = None if args.duration is None else time.monotonic() + args.duration
+    auto_usb = not args.ports and not args.sim_state
+    known = {_spec_key(s) for s in specs}
+    next_scan = time.monotonic() + RESCAN_S
     shown: set[str] = set()
     dash = None
     try:
@@ -147,6 +173,14 @@ def run(args: argparse.Namespace) -> int:
         while deadline is None or time.monotonic() < deadline:
             if broken.is_set():
                 break
+            if (auto_usb or args.sim_state) and time.monotonic() >= next_scan:
+                next_scan = time.monotonic() + RESCAN_S
+                for spec in _new_specs(args, auto_usb, known):
+                    known.add(_spec_key(spec))
+                    reader = PortReader(collector.add_port(spec), collector, baud=args.baud)
+                    readers.append(reader)
+                    reader.start()
+                    collector.messages.append(f"following {spec.label} ({spec.path or 'no port yet'})")
             if dash is not None:
                 dash.refresh()
             else:
