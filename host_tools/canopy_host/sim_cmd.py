@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM (kill, CI) and SIGHUP (terminal closed) stop the nodes as cleanly as Ctrl-C.
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     sup = Supervisor(cfg, on_message=say)
     try:
         # Ctrl-C at any point, even while the nodes are starting, is a clean stop.
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         sup.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     say(f"stopped {len(sup.nodes)} virtual node(s)")
     return 0
