@@ -283,7 +283,9 @@ def _line_queue(stream) -> "queue.Queue[bytes]":
 def test_sigint_flushes_everything_received(tmp_path, frames):
     db = tmp_path / "m.db"
     pty = Pty()
-    proc = _canopy("monitor", pty.path, "--db", str(db), "--json")
+    # A commit interval far beyond the test's length: only the shutdown flush can have
+    # put the frames into the file.
+    proc = _canopy("monitor", pty.path, "--db", str(db), "--json", "--commit-interval", "600")
     try:
         lines = _line_queue(proc.stdout)
         # Until the monitor has opened the port, its open() may flush what we write:

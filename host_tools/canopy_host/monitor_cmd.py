@@ -46,6 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--json", action="store_true", help="write frames as JSON lines to stdout instead of the dashboard")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--baud", type=int, default=115200, help="baud rate for physical ports (default 115200)")
+    p.add_argument("--commit-interval", type=float, default=0.2, metavar="S",
+                   help="commit received frames at least every S seconds (default 0.2); larger = fewer "
+                        "disk writes; Ctrl-C and exit always commit everything")
     p.set_defaults(func=run)
 
 
@@ -142,12 +145,14 @@ def run(args: argparse.Namespace) -> int:
         raise CanopyError("--duration must be a positive number of seconds")
     if args.baud <= 0:
         raise CanopyError("--baud must be positive")
+    if not 0 <= args.commit_interval <= 3600:
+        raise CanopyError("--commit-interval must be between 0 and 3600 seconds")
     try:
         from . import protocol  # noqa: F401  (fail early, not inside every reader)
     except ImportError as exc:
         raise CanopyError(f"the protocol module is not available: {exc}") from None
     specs = _collect_specs(args)
-    store = Store(args.db)
+    store = Store(args.db, max_delay=args.commit_interval)
     broken = threading.Event()
     collector = Collector(store, on_frame=_json_writer(sys.stdout, broken) if args.json else None)
     readers = [PortReader(collector.add_port(s), collector, baud=args.baud) for s in specs]
