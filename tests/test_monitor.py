@@ -238,8 +238,9 @@ def test_many_nodes_on_many_ports_are_kept_apart(tmp_path, frames):
     assert ports == {"n01": ptys[0].path, "n02": ptys[1].path}
 
 
-def test_read_sim_state_accepts_the_sim_format_and_rejects_junk(tmp_path):
+def test_read_sim_state_accepts_the_sim_format_and_rejects_junk(tmp_path, monkeypatch):
     from canopy_host.errors import CanopyError
+    from canopy_host.monitor import explicit_specs
 
     p = tmp_path / "state.json"
     p.write_text(json.dumps({"nodes": [{"node_id": "n01", "zone": "A", "port": "/dev/pts/3", "usb_serial": "X1"},
@@ -252,6 +253,11 @@ def test_read_sim_state_accepts_the_sim_format_and_rejects_junk(tmp_path):
     assert spec.resolve() is None
     write_state(p, "n01", "/dev/pts/8")
     assert spec.resolve() == "/dev/pts/8"
+    monkeypatch.setenv("CANOPY_SIM_STATE", str(p))
+    by_id = explicit_specs(["sim:n01"])[0]  # the same node named on the command line
+    assert (by_id.node_hint, by_id.resolve()) == ("n01", "/dev/pts/8")
+    write_state(p, "n01", None)
+    assert by_id.resolve() is None
     p.write_text("{not json")
     with pytest.raises(CanopyError, match="cannot read sim state"):
         read_sim_state(p)

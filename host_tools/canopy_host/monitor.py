@@ -88,6 +88,10 @@ def explicit_specs(ports: Iterable[str]) -> list[PortSpec]:
     usb = {p.device: p for p in _comports()}
     specs = []
     for port in ports:
+        if port.startswith("sim:"):  # a virtual node by id, found via the sim state file
+            specs.append(PortSpec(label=port[4:], path=None, node_hint=port[4:], resolver=_sim_id_resolver(port),
+                                  keep_last_path=False))
+            continue
         info = usb.get(port)
         serial_no = getattr(info, "serial_number", None) if info else None
         spec = PortSpec(label=port, path=port, usb_serial=serial_no, must_exist=not _is_url(port))
@@ -95,6 +99,18 @@ def explicit_specs(ports: Iterable[str]) -> list[PortSpec]:
             spec.resolver = _usb_resolver(serial_no, getattr(info, "vid", None), getattr(info, "pid", None))
         specs.append(spec)
     return specs
+
+
+def _sim_id_resolver(port: str) -> Callable[[], str | None]:
+    def resolve() -> str | None:
+        from .transport import resolve_port  # $CANOPY_SIM_STATE or var/sim/state.json
+
+        try:
+            return resolve_port(port)
+        except CanopyError:
+            return None
+
+    return resolve
 
 
 def _comports() -> list[Any]:

@@ -20,6 +20,7 @@ examples:
   canopy monitor                              # every USB port that looks like a known board
   canopy monitor /dev/ttyUSB0 /dev/ttyUSB1    # these ports
   canopy monitor --sim-state var/sim/state.json --duration 30
+  canopy monitor sim:n01 sim:n03                # virtual nodes by id ($CANOPY_SIM_STATE or var/sim/state.json)
   canopy monitor --json /dev/ttyACM0 | jq -c 'select(.kind=="event")'
 
 Every frame goes into the SQLite file given by --db (WAL mode; safe to read while the
@@ -40,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("ports", nargs="*", metavar="PORT", help="serial port path or pyserial URL (socket://host:port)")
+    p.add_argument("ports", nargs="*", metavar="PORT", help="serial port path, pyserial URL (socket://host:port) or sim:NODE")
     p.add_argument("--sim-state", metavar="FILE", help="state file written by `canopy sim`: follow its virtual nodes")
     p.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"SQLite file to append to (default {DEFAULT_DB})")
     p.add_argument("--json", action="store_true", help="write frames as JSON lines to stdout instead of the dashboard")
