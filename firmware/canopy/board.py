@@ -86,10 +86,3 @@ def load(name=None):
     except ValueError:
         raise BoardError("board file %s is not valid JSON" % path)
     return validate(b)
-
-
-def is_simulated(b=None):
-    """True in the unix port: the HAL then builds simulated hardware."""
-    if b is not None and b.get("chip") == "unix":
-        return True
-    return sys.platform not in ("esp32",)
