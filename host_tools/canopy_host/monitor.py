@@ -455,8 +455,9 @@ class Collector:
             st.readings += 1
             st.last_reading = fields  # the parser makes a new dict per frame
         elif f.kind == "hello":
+            if fields != st.hello:  # nodes repeat hello periodically: only news is an event
+                st.last_event = f"hello {fields.get('fw_version', '')}".strip()
             st.hello = dict(fields)
-            st.last_event = f"hello {fields.get('fw_version', '')}".strip()
         elif f.kind == "event":
             st.last_event = f"{fields.get('code', '?')} {fields.get('arg', '')}".strip()
         elif f.kind == "error":
