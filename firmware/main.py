@@ -102,9 +102,14 @@ class TextLink:
 
 
 def load_config(path="config.json"):
+    """config.json over the defaults; a bad file is reported and the defaults used,
+    so a typo in the config cannot stop the node from keeping its failsafe duties."""
     try:
         return _config.load(path)
     except OSError:
+        return _config.merged()
+    except ValueError as e:
+        print("canopy: %s ignored: %s" % (path, e))
         return _config.merged()
 
 
@@ -146,8 +151,11 @@ def loop(node, link, run_ms=0):
 
 
 def main():
-    b = _board.load()
-    hw = hal.open(b)
+    try:
+        hw = hal.open(_board.load())
+    except ValueError as e:  # BoardError, or a bad sim.json in the unix port
+        print("canopy: cannot start: %s" % e)
+        return 2
     node = Node(hw, load_config())
     link = make_link(node)
     run_s = int(_env("CANOPY_RUN_S", "0"))

@@ -190,3 +190,24 @@ def test_steady_loop_does_not_grow_the_heap() -> None:
     before, after, ticks = _batch("leak_check", [[sim, 100, 1500]])[0]
     assert ticks == 1600
     assert after - before <= LEAK_LIMIT_BYTES
+
+
+@pytest.mark.parametrize(
+    "sim, config, words",
+    [
+        ({"weather": "sunny"}, None, "cannot start: sim.json: unknown weather 'sunny'"),
+        ({"board": "no-such-board"}, None, "cannot start: board file"),
+        ({"faults": [{"kind": "fire"}]}, None, "faults[0].kind 'fire'"),
+        ({}, {"t_setpoint": "hot"}, "config.json ignored: config: 't_setpoint' must be an int"),
+    ],
+)
+def test_bad_node_files_give_clear_messages(tmp_path: Path, sim: dict, config: dict | None, words: str) -> None:
+    (tmp_path / "sim.json").write_text(json.dumps(sim))
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    env = micropython_env()
+    env.update({"CANOPY_LINK": "text", "CANOPY_SPEED": "0", "CANOPY_RUN_S": "2", "CANOPY_EVERY": "1"})
+    proc = subprocess.run(micropython_command() + [str(FIRMWARE_DIR / "main.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert words in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
