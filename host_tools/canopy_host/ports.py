@@ -11,19 +11,18 @@ node registry (a JSON file written when nodes are provisioned), if there is one.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from serial.tools import list_ports
 
+from . import registry
 from .boards import Board, guess_board
 
 # Cheap bridges often ship with one serial number for every unit, so a serial like
 # "0001" says nothing about which board is which; fall back to the USB port path.
-GENERIC_SERIALS = frozenset({"", "0001", "0000", "1234567890", "0123456789"})
+GENERIC_SERIALS = registry.GENERIC_SERIALS
 
 
 @dataclass
@@ -61,29 +60,19 @@ class PortInfo:
 
 
 def default_registry_path() -> Path:
-    return Path(os.environ.get("CANOPY_REGISTRY", Path.home() / ".config" / "canopy" / "nodes.json"))
+    return registry.default_path()
 
 
 def load_registry(path: Path | None = None) -> dict[str, dict[str, Any]]:
-    """node id -> what identifies it (usb_serial, location, mac). Missing/broken file: empty."""
-    path = path or default_registry_path()
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    nodes = data.get("nodes") if isinstance(data, dict) else None
-    return {str(k): v for k, v in nodes.items() if isinstance(v, dict)} if isinstance(nodes, dict) else {}
+    """node id -> its registry record (mac, usb_serial, location, ...). Missing/broken file: empty."""
+    return registry.Registry.load(path).nodes
 
 
-def lookup_node_id(port: PortInfo, registry: dict[str, dict[str, Any]]) -> str | None:
-    """The node seen on this port before: by USB serial number, or by USB location when
-    the serial number is one of the shared factory defaults."""
-    for node_id, ident in registry.items():
-        if not port.serial_is_generic and ident.get("usb_serial") == port.serial_number:
-            return node_id
-        if port.serial_is_generic and port.location and ident.get("location") == port.location:
-            return node_id
-    return None
+def lookup_node_id(port: PortInfo, nodes: dict[str, dict[str, Any]]) -> str | None:
+    """The node seen on this port before, from USB data alone (see `registry.Registry.by_usb`):
+    a unique serial number, else the USB location. Boards sharing a factory serial are
+    told apart for certain only by MAC, which `canopy provision` reads from the chip."""
+    return registry.Registry(default_registry_path(), nodes).by_usb(port.serial_number, port.location)
 
 
 def _bridge(vid: int | None, pid: int | None, boards: list[Board]) -> str | None:

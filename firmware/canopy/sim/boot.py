@@ -14,7 +14,9 @@ virtual node, with the node's folder (its "flash") as the current directory::
   only; the supervisor has queued Ctrl-A so the REPL comes up in raw mode.
 
 The unix port has no ``machine.reset``; mpremote's ``reset`` needs one, so a thin
-``machine`` stand-in that adds it (and delegates everything else) goes into
+``machine`` stand-in that adds it and ``unique_id()`` (a stable fake MAC derived from the
+node id; ``network.WLAN().config('mac')`` returns the same, as on the chip), delegating
+everything else, goes into
 ``sys.modules``; ``os`` gets the same treatment so ``os.ilistdir`` reports file sizes. Exiting the process with status 3 (from the REPL) or SIGUSR1 (from
 boot.py/main.py, see ``_end_process``) is what the supervisor reads as a hard reset;
 status 3 is also what the simulated HAL raises for ``node.reboot()``.
@@ -42,8 +44,47 @@ class _Machine:
     def soft_reset(self):
         raise SystemExit(0)
 
+    def unique_id(self):
+        return _sim_mac()
+
+
+def _sim_mac():
+    # A virtual node's stand-in for the MAC burnt into an ESP32 (machine.unique_id()
+    # returns it there): stable per node id, locally administered, unicast.
+    import hashlib
+    import json
+
+    try:
+        with open("sim.json") as f:
+            nid = json.load(f).get("node_id") or "sim"
+    except (OSError, ValueError, AttributeError):
+        nid = "sim"
+    mac = bytearray(hashlib.sha256(b"canopy-sim-mac:" + nid.encode()).digest()[:6])
+    mac[0] = (mac[0] & 0xFC) | 0x02
+    return bytes(mac)
+
+
+class _WLAN:
+    def __init__(self, *args):
+        pass
+
+    def config(self, name):
+        if name == "mac":
+            return _sim_mac()
+        raise ValueError("unknown config param")
+
+
+class _Network:
+    STA_IF = 0
+    AP_IF = 1
+    WLAN = _WLAN
+
 
 sys.modules["machine"] = _Machine()
+try:
+    import network  # noqa: F401
+except ImportError:
+    sys.modules["network"] = _Network()
 
 _builtin_os = os
 
