@@ -20,6 +20,7 @@ Environment (unix port only; the chip has no environment):
     CANOPY_EVERY   text link: print a reading every N ticks (default 10)
 """
 
+import gc
 import os
 
 from canopy import board as _board
@@ -156,8 +157,13 @@ def main():
     except ValueError as e:  # BoardError, or a bad sim.json in the unix port
         print("canopy: cannot start: %s" % e)
         return 2
+    # Start-up garbage (JSON parsing, config merging) goes before the next big
+    # allocations, so a small heap is not fragmented by it for the node's lifetime.
+    gc.collect()
     node = Node(hw, load_config())
+    gc.collect()
     link = make_link(node)
+    gc.collect()
     run_s = int(_env("CANOPY_RUN_S", "0"))
     loop(node, link, run_s * 1000)
 
