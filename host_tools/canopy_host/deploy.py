@@ -1,0 +1,421 @@
+"""Deploy the app to nodes: compile, copy what changed, provision, prove it healthy.
+
+One node, over mpremote's Python API (`SerialTransport`, the raw REPL):
+
+1. build the bundle: `firmware/` compiled to `.mpy` for the board's `mpy_arch`
+   (`main.py` stays source: the chip only runs `main.py`), `canopy/sim/` left out on
+   real boards; the `unix-sim` board (no arch) gets the `.py` sources, because native
+   and viper code inside an `.mpy` is machine code for one architecture and the unix
+   port is neither. Plus `board.json` and `canopy/fw_hash.py` (the app hash the
+   node's hello reports).
+2. hash every bundle file ON the node (sha256 in the raw REPL) and list the app
+   folders, so a file a previous deploy left half-written, or that someone changed by
+   hand, is found by content, not trusted from a manifest; copy only the differing
+   ones (each to `.part`, then renamed), remove stale `.py`/`.mpy`/`.part` files (a
+   stale `x.py` would shadow a new `x.mpy`), write `fw_hash` last, re-hash to verify.
+   All bundle files matching = **flashed**.
+3. provision (identity + key, registry by MAC; see `provision.py`).
+4. acceptance over the raw REPL: BME280 chip id 0x60, plausible readings, the
+   control loop ticking; then reset the node and ping it over the serial link (a
+   `status` command answered by the running app, whose hello reports the deployed
+   hash). All passing = **healthy**, recorded separately from flashed.
+
+Usage::
+
+    report = deploy_node("/dev/ttyUSB0", load_board("esp32-devkitc"), build_bundle(board), master)
+    report.flashed, report.healthy, report.copied
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import provision as _prov
+from . import registry as _registry
+from .boards import Board
+from .errors import CanopyError
+from .paths import FIRMWARE_DIR, mpy_cross_command
+
+FW_HASH_FILE = "canopy/fw_hash.py"
+BOARD_FILE = "board.json"
+APP_DIRS = ("canopy", "canopy/sim")  # folders whose .py/.mpy the deploy owns
+CHIP_ID = 0x60
+PING_TIMEOUT_S = 20.0
+# Plausible ranges: the BME280's operating range, and pressure from ~9 km altitude up.
+T_RANGE = (-4000, 8500)  # 0.01 C
+P_RANGE = (30000, 110000)  # Pa
+H_RANGE = (0, 100 * 1024)  # 1/1024 %RH
+
+
+@dataclass
+class BundleFile:
+    path: str  # on the node, relative to the flash root
+    data: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass
+class Bundle:
+    board: str
+    arch: str | None
+    app_hash: str
+    files: list[BundleFile]
+
+    @property
+    def paths(self) -> set[str]:
+        return {f.path for f in self.files}
+
+
+def _sources(firmware_dir: Path, include_sim: bool) -> list[Path]:
+    out = []
+    for p in sorted(firmware_dir.rglob("*.py")):
+        rel = p.relative_to(firmware_dir)
+        if "__pycache__" in rel.parts or rel.as_posix() == FW_HASH_FILE:
+            continue
+        if not include_sim and rel.parts[:2] == ("canopy", "sim"):
+            continue
+        out.append(p)
+    return out
+
+
+def _compile(src: Path, rel: str, arch: str, out_dir: Path) -> bytes:
+    out = out_dir / (rel.replace("/", "__") + ".mpy")
+    # -s sets the name tracebacks show, as if the file had been compiled on the node.
+    cmd = [*mpy_cross_command(), f"-march={arch}", "-s", rel, "-o", str(out), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CanopyError(f"mpy-cross -march={arch} failed for {rel}:\n{proc.stderr.strip()}")
+    return out.read_bytes()
+
+
+def build_bundle(board: Board, firmware_dir: Path = FIRMWARE_DIR) -> Bundle:
+    """Everything the node's flash should hold for this board (see the module doc)."""
+    virtual = board.chip == "unix"
+    if not virtual and not board.mpy_arch:
+        raise CanopyError(f"board {board.name} has no mpy_arch: cannot compile the app for it")
+    if board.path is None or not board.path.is_file():
+        raise CanopyError(f"board {board.name} has no board file to deploy")
+    sources = _sources(firmware_dir, include_sim=virtual)
+    if not sources:
+        raise CanopyError(f"no firmware sources under {firmware_dir}")
+    board_json = board.path.read_bytes()
+    h = hashlib.sha256(f"canopy-app/v1 {board.name} {board.mpy_arch}\n".encode())
+    for src in sources:
+        h.update(src.relative_to(firmware_dir).as_posix().encode() + b"\0" + src.read_bytes() + b"\0")
+    h.update(board_json)
+    app_hash = h.hexdigest()
+    fw_hash_src = f"FW_HASH = {app_hash[:16]!r}\n"
+
+    files: list[BundleFile] = []
+    with tempfile.TemporaryDirectory(prefix="canopy-deploy-") as tmp:
+        gen = Path(tmp) / "fw_hash.py"
+        gen.write_text(fw_hash_src)
+        items = [(s, s.relative_to(firmware_dir).as_posix()) for s in sources] + [(gen, FW_HASH_FILE)]
+
+        def one(item: tuple[Path, str]) -> BundleFile:
+            src, rel = item
+            if virtual or rel == "main.py" or rel == "boot.py":
+                return BundleFile(rel, src.read_bytes())
+            return BundleFile(rel[:-3] + ".mpy", _compile(src, rel, board.mpy_arch or "", Path(tmp)))
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            files = list(pool.map(one, items))
+    files.append(BundleFile(BOARD_FILE, board_json))
+    # fw_hash goes last: its new value on the node means every other file was written.
+    files.sort(key=lambda f: (f.path.startswith(FW_HASH_FILE.rsplit(".", 1)[0]), f.path))
+    return Bundle(board=board.name, arch=None if virtual else board.mpy_arch, app_hash=app_hash, files=files)
+
+
+# Runs on the node: sha256 of each listed file (None if missing) and the app folders' files.
+_SCAN = """
+def _canopy_scan(paths, dirs):
+    import os, json, hashlib, binascii
+    buf = bytearray(512)
+    mv = memoryview(buf)
+    r = {"hashes": {}, "files": []}
+    for p in paths:
+        try:
+            f = open(p, "rb")
+        except OSError:
+            r["hashes"][p] = None
+            continue
+        h = hashlib.sha256()
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(mv[:n])
+        f.close()
+        r["hashes"][p] = binascii.hexlify(h.digest()).decode()
+    for d in dirs:
+        try:
+            for e in os.ilistdir(d):
+                if e[1] == 0x8000:
+                    r["files"].append(d + "/" + e[0])
+        except OSError:
+            pass
+    print(json.dumps(r))
+_canopy_scan(%r, %r)
+"""
+
+# Runs on the node: bring up the board, read the sensor's chip id, tick the control loop.
+_ACCEPT = """
+def _canopy_accept():
+    import json
+    from canopy import board, hal
+    from canopy.node import Node
+    import main
+    r = {"chip_id": None}
+    hw = hal.open(board.load())
+    try:
+        r["chip_id"] = hw.i2c.readfrom_mem(0x76, 0xD0, 1)[0]
+    except OSError:
+        r["i2c_error"] = "no answer at 0x76"
+    n = Node(hw, main.load_config(), 0)
+    for _ in range(6):
+        hw.sleep_ms(50)
+        n.tick()
+    r.update({"ticks": n.ticks, "readings": n.readings, "faults": n.faults, "failsafe": bool(n.failsafe),
+              "meas": list(n.meas), "out": list(n.out), "board": hw.board.get("name")})
+    print(json.dumps(r))
+_canopy_accept()
+"""
+
+
+@dataclass
+class NodeReport:
+    port: str
+    board: str
+    node_id: str | None = None
+    mac: str | None = None
+    app_hash: str | None = None
+    copied: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    bytes_copied: int = 0
+    flashed: bool = False
+    provisioned: bool = False
+    healthy: bool = False
+    acceptance: dict[str, Any] = field(default_factory=dict)
+    ping: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Progress:
+    """Where one node's deploy reports progress (the CLI draws a bar per node)."""
+
+    def stage(self, text: str) -> None: ...
+
+    def total(self, nbytes: int) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+
+def open_transport(port: str) -> Any:
+    from mpremote.transport import TransportError
+    from mpremote.transport_serial import SerialTransport
+
+    try:
+        t = SerialTransport(port, baudrate=115200)
+    except (TransportError, OSError, Exception) as exc:  # serial.SerialException included
+        raise CanopyError(f"cannot open {port}: {exc}") from exc
+    return t
+
+
+def _enter_raw(t: Any, soft_reset: bool) -> None:
+    from mpremote.transport import TransportError
+
+    try:
+        t.enter_raw_repl(soft_reset=soft_reset)
+    except TransportError as exc:
+        raise CanopyError(f"the node on {t.device_name} does not answer in the raw REPL ({exc}); "
+                          "is MicroPython flashed and the port right?") from exc
+
+
+def scan_node(t: Any, bundle: Bundle) -> dict[str, Any]:
+    return _prov.run_json(t, _SCAN % (sorted(bundle.paths), list(APP_DIRS)), "hashing the files on the node")
+
+
+def sync_files(t: Any, bundle: Bundle, report: NodeReport, progress: Progress) -> None:
+    """Copy what differs by hash, remove stale app files, verify."""
+    progress.stage("hashing")
+    scan = scan_node(t, bundle)
+    on_node = scan["hashes"]
+    todo = [f for f in bundle.files if on_node.get(f.path) != f.sha256]
+    report.unchanged = len(bundle.files) - len(todo)
+    stale = sorted(p for p in scan["files"] if p not in bundle.paths and p.endswith((".py", ".mpy", ".part")))
+    for p in stale:
+        t.fs_rmfile(p)
+        report.removed.append(p)
+    if todo:
+        for d in APP_DIRS:
+            if any(f.path.startswith(d + "/") for f in todo) and not t.fs_exists(d):
+                t.fs_mkdir(d)
+    progress.total(sum(len(f.data) for f in todo))
+    for f in todo:
+        progress.stage(f"copying {f.path}")
+        last = [0]
+
+        def cb(done: int, size: int, last: list[int] = last) -> None:
+            progress.advance(done - last[0])
+            last[0] = done
+
+        _prov.write_file_atomic(t, f.path, f.data, cb)
+        report.copied.append(f.path)
+        report.bytes_copied += len(f.data)
+    progress.stage("verifying")
+    after = scan_node(t, bundle)["hashes"]
+    bad = [f.path for f in bundle.files if after.get(f.path) != f.sha256]
+    if bad:
+        raise CanopyError(f"after copying, {len(bad)} file(s) still differ on the node: {', '.join(bad[:5])}")
+    report.flashed = True
+
+
+def acceptance(t: Any, report: NodeReport) -> bool:
+    r = _prov.run_json(t, _ACCEPT, "the acceptance test")
+    report.acceptance = r
+    problems = []
+    if r.get("chip_id") != CHIP_ID:
+        problems.append(f"BME280 not found (chip id {r.get('chip_id')!r}, expected 0x60)"
+                        + (f": {r['i2c_error']}" if r.get("i2c_error") else ""))
+    meas = r.get("meas") or [None, None, None]
+    for name, v, (lo, hi) in zip(("temperature", "pressure", "humidity"), meas, (T_RANGE, P_RANGE, H_RANGE)):
+        if not isinstance(v, int) or not lo <= v <= hi:
+            problems.append(f"implausible {name} reading {v!r}")
+    if not r.get("ticks") or r.get("readings", 0) < 1:
+        problems.append(f"the control loop did not tick with readings (ticks={r.get('ticks')}, readings={r.get('readings')})")
+    if r.get("faults"):
+        problems.append(f"sensor faults during the test: {r.get('faults')}")
+    report.problems += problems
+    return not problems
+
+
+def ping(port: str, node_id: str | None, app_hash: str | None, timeout: float = PING_TIMEOUT_S) -> dict[str, Any]:
+    """Link-level ping: wait for the running app's hello, send `status`, wait for its reply."""
+    from .protocol import FrameParser, encode_command
+    from .transport import open_port
+
+    result: dict[str, Any] = {"kind": "link", "answered": False}
+    parser = FrameParser()
+    deadline = time.monotonic() + timeout
+    sent_at = None
+    with open_port(port, timeout=0.1) as ser:
+        counter = int(time.time()) % 1_000_000_000
+        while time.monotonic() < deadline:
+            for fr in parser.feed(ser.read(4096)):
+                if fr.kind == "hello" and "node_id" not in result:
+                    result.update(node_id=fr.node, boot=fr.boot, fw_hash=fr.fields.get("fw_hash"),
+                                  board=fr.fields.get("board"))
+                    ser.write(encode_command(fr.node, counter, "status"))
+                    sent_at = time.monotonic()
+                elif fr.kind == "reply" and fr.fields.get("cmd") == "status" and sent_at is not None:
+                    result.update(answered=True, rtt_ms=round((time.monotonic() - sent_at) * 1000, 1),
+                                  tick=fr.fields.get("tick"))
+                    break
+            if result["answered"]:
+                break
+    if app_hash and result.get("fw_hash") not in (None, app_hash[:16]):
+        result["fw_hash_mismatch"] = True
+    if node_id and result.get("node_id") not in (None, node_id):
+        result["node_id_mismatch"] = True
+    return result
+
+
+def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone: str | None = None,
+                node_id: str | None = None, registry_path: Path | None = None, check: bool = True,
+                progress: Progress | None = None, usb_serial: str | None = None,
+                location: str | None = None) -> NodeReport:
+    """Deploy to one port; never raises for node trouble, the report says what happened."""
+    from mpremote.transport import TransportError
+
+    progress = progress or Progress()
+    report = NodeReport(port=port, board=board.name, app_hash=bundle.app_hash)
+    t0 = time.monotonic()
+    t = None
+    try:
+        progress.stage("connecting")
+        t = open_transport(port)
+        _enter_raw(t, soft_reset=True)  # a fresh interpreter, the app's loop not running
+        facts = _prov.read_facts(t)
+        report.mac = facts.mac
+        sync_files(t, bundle, report, progress)
+        progress.stage("provisioning")
+        prov = _prov.provision_node(t, board.name, master, zone=zone, node_id=node_id,
+                                    registry_path=registry_path, usb_serial=usb_serial,
+                                    location=location, facts=facts)
+        report.node_id, report.provisioned = prov.node_id, True
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _registry.update_locked(registry_path, prov.node_id, app_hash=bundle.app_hash, flashed=True,
+                                flashed_at=now, healthy=False)
+        if check:
+            progress.stage("acceptance test")
+            t.exit_raw_repl()
+            _enter_raw(t, soft_reset=True)  # import the modules just copied, not cached ones
+            ok = acceptance(t, report)
+            progress.stage("ping")
+            t.exec_raw_no_follow("import machine\nmachine.reset()")
+            time.sleep(0.2)
+            t.close()
+            t = None
+            report.ping = ping(port, prov.node_id, bundle.app_hash)
+            if not report.ping.get("answered"):
+                report.problems.append("the node did not answer a status ping after reset")
+                ok = False
+            if report.ping.get("fw_hash_mismatch"):
+                report.problems.append(f"the running app reports fw_hash {report.ping.get('fw_hash')}, "
+                                       f"deployed {bundle.app_hash[:16]}")
+                ok = False
+            report.healthy = ok
+            _registry.update_locked(registry_path, prov.node_id, healthy=ok,
+                                    healthy_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                    problems=report.problems or None)
+        progress.stage("healthy" if report.healthy else ("flashed" if report.flashed else "failed"))
+    except (CanopyError, TransportError, OSError) as exc:
+        report.error = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        progress.stage("failed")
+    finally:
+        if t is not None:
+            try:
+                t.exit_raw_repl()
+                t.close()
+            except Exception:
+                pass
+        report.seconds = round(time.monotonic() - t0, 2)
+    return report
+
+
+def deploy_nodes(ports: list[str], board: Board, master: bytes, *, firmware_dir: Path = FIRMWARE_DIR,
+                 make_progress: Callable[[str], Progress] | None = None, **kw: Any) -> list[NodeReport]:
+    """Build once, deploy to every port in parallel; reports in the order of `ports`."""
+    bundle = build_bundle(board, firmware_dir)
+    make_progress = make_progress or (lambda _p: Progress())
+    if "node_id" in kw and kw["node_id"] and len(ports) > 1:
+        raise CanopyError("--node-id names one node; deploy to one port at a time with it")
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(ports)))) as pool:
+        futs = [pool.submit(deploy_node, p, board, bundle, master, progress=make_progress(p), **kw) for p in ports]
+        return [f.result() for f in futs]
+
+
+def bundle_summary(bundle: Bundle) -> dict[str, Any]:
+    return {"board": bundle.board, "arch": bundle.arch, "app_hash": bundle.app_hash,
+            "files": len(bundle.files), "bytes": sum(len(f.data) for f in bundle.files)}
+
+
+__all__ = ["Bundle", "BundleFile", "NodeReport", "Progress", "build_bundle", "deploy_node", "deploy_nodes",
+           "bundle_summary"]
