@@ -17,7 +17,7 @@ Usage::
 
 import sys
 
-from canopy.protocol import COMMAND, ERROR, CommandParser, Encoder, valid_node_id
+from canopy.protocol import COMMAND, ERROR, RELAY, CommandParser, Encoder, valid_node_id
 
 try:
     import select
@@ -51,12 +51,20 @@ class Link:
 
     report_every: send a reading every N ticks. inp/out: streams with `readinto` /
     `write(buf, n)` (default: the console). max_read: bytes taken per service() call.
+    repair: attach canopy.repair_agent (staged config, quarantine, calibration; docs/repair.md).
     """
 
-    def __init__(self, node, node_id=None, report_every=1, inp=None, out=None, max_read=256):
+    def __init__(self, node, node_id=None, report_every=1, inp=None, out=None, max_read=256,
+                 repair=True, auth=None, mesh=None, gateway=False):
         self.node = node
         hw = getattr(node, "hw", None)
         self.node_id = node_id or default_node_id(hw)
+        # auth: canopy.security.Auth, or "flash" to load the key file the way main.py
+        # does (strict with a key, else dev mode if enabled, else locked). None keeps
+        # the plain v1 link for harnesses that test framing alone (docs/security.md).
+        if auth == "flash":
+            auth = load_auth(self.node_id, hw)
+        self.auth = auth
         # Hello values resolved once, as bytes, so the periodic hello allocates nothing.
         board = getattr(hw, "board", None)
         self.board = (board.get("name", "?") if isinstance(board, dict) else "?").encode()
@@ -71,7 +79,17 @@ class Link:
         self.fw_version = FW_VERSION.encode()
         self.fw_hash = FW_HASH.encode()
         self.enc = Encoder(self.node_id, node.boot_id)
+        self.enc.auth = auth
         self.parser = CommandParser(self.node_id, node.boot_id)
+        # Mesh (docs/mesh.md): radio frames go through their own parser (whole lines,
+        # never mixed with a half-read serial line). A gateway copies other nodes'
+        # frames to the host and carries host commands for other nodes into the mesh.
+        self.mesh = mesh
+        self.gateway = bool(gateway) and mesh is not None
+        self.parser.relay = self.gateway
+        self.mesh_parser = CommandParser(self.node_id, node.boot_id) if mesh is not None else None
+        self._p = self.parser  # the parser whose command is being answered
+        self._auth_warned = False
         self.report_every = max(1, int(report_every))
         self.max_read = max_read
         self._out = out if out is not None else getattr(sys.stdout, "buffer", sys.stdout)
@@ -93,12 +111,38 @@ class Link:
         self._digest = b""
         self.eof = False
         self.frames_out = 0
+        # Extra commands and between-tick hooks (canopy.repair_agent registers here).
+        self._handlers = {}
+        self._hooks = []
+        self.repair = None
+        if repair:
+            try:
+                from canopy import repair_agent
+
+                self.repair = repair_agent.attach(self)
+            except Exception as e:  # noqa: BLE001 - repair trouble must not stop the link
+                self.repair_error = e
+
+    def register(self, cmd, handler):
+        """Answer command `cmd` with `handler(args)`, which returns the reply's (key, value)
+        pairs or raises ValueError (answered as bad_args)."""
+        from canopy import protocol
+
+        if cmd not in protocol.COMMANDS:
+            protocol.COMMANDS = protocol.COMMANDS + (cmd,)
+        self._handlers[cmd] = handler
+
+    def add_service_hook(self, fn):
+        """Call fn() at every service(); it must not allocate in steady state."""
+        self._hooks.append(fn)
 
     # -- output -----------------------------------------------------------------------
 
     def _send(self, n):
         self._out.write(self.enc.buf, n)
         self.frames_out += 1
+        if self.mesh is not None:
+            self.mesh.send(self.enc.buf, n)
 
     def _cfg_digest(self):
         # Recomputed only when the node's config object changes (after `set`).
@@ -177,24 +221,78 @@ class Link:
 
     def feed_byte(self, b):
         """Push one received byte; answers a completed command or a bad frame."""
-        r = self.parser.push(b)
+        p = self.parser
+        r = p.push(b)
         if r == COMMAND:
+            self._p = p
             self._dispatch()
+            if self.gateway and _is_broadcast(p):
+                self.mesh.send(p.buf, p.n)  # '*': meant for every node, not just this one
         elif r == ERROR:
-            p = self.parser
-            self._send(self.enc.error(p.err_counter, p.err, p.msg))
+            self._reject_frame(p)
+        elif r == RELAY:
+            self.mesh.send(p.buf, p.n)
+
+    def _reject_frame(self, p):
+        self._send(self.enc.error(p.err_counter, p.err, p.msg))
+        if p.msg == "tag" and self.auth is not None:
+            self._security(p.err_counter, self.auth.reject(5))  # malformed tag token
+
+    def _on_mesh_frame(self, buf, start, end):
+        # One frame from the radio, buf[start:end] without the LF. True = a command for
+        # this node alone, which the mesh then does not forward.
+        p = self.mesh_parser
+        ours = False
+        for i in range(start, end):
+            p.push(buf[i])
+        r = p.push(10)
+        if r == COMMAND:
+            self._p = p
+            self._dispatch()
+            self._p = self.parser
+            ours = not _is_broadcast(p)
+        elif r == ERROR:
+            self._reject_frame(p)
+        elif self.gateway and not _is_command(buf, start, end):
+            # another node's frame for the host, verbatim (its own CRC and tag)
+            self._out.write(memoryview(buf)[start:end])
+            self._out.write(b"\n")
+        return ours
+
+    def _security(self, counter, code):
+        from canopy.security import REASONS
+
+        self._send(self.enc.error(counter, "auth", REASONS[code]))
+        self._send(self.enc.event("security", code))
+
+    def _security_status(self):
+        a = self.auth
+        if a is None:
+            return ()
+        return (("auth", a.mode), ("sec_rejects", a.reject_total))
 
     def feed(self, data):
         for b in data:
             self.feed_byte(b)
 
     def _dispatch(self):
-        p = self.parser
+        p = self._p
         node = self.node
         counter = p.counter
         cmd = p.cmd
         args = p.args
+        auth = self.auth
+        if auth is not None:
+            # before any handler (built-in or registered) sees the command
+            code = auth.check_command(p.buf, p.tag_at, counter, _is_broadcast(p))
+            if code:
+                self._security(counter, code)
+                return
         try:
+            handler = self._handlers.get(cmd)
+            if handler is not None:
+                self._send(self.enc.reply(counter, cmd, handler(args)))
+                return
             if cmd == "status":
                 _no_args(args)
                 self._send(self.enc.reply(counter, cmd, (
@@ -203,7 +301,7 @@ class Link:
                     ("cfg_version", (getattr(node, "cfg", None) or {}).get("version", 0)),
                     ("rx_errors", p.errors),
                     ("ev_dropped", getattr(node, "events_dropped", 0)),
-                )))
+                ) + self._security_status()))
                 self._hello_due = True
                 self._last_tick = -1  # and a fresh reading right away
             elif cmd == "set":
@@ -239,20 +337,80 @@ class Link:
                 node.reboot()
         except (ValueError, TypeError, KeyError) as e:
             self._send(self.enc.error(counter, "bad_args", str(e)))
+        except OSError as e:  # flash trouble in a registered handler
+            self._send(self.enc.error(counter, "flash", str(e)))
+
+    def _auth_notice(self):
+        # Once per boot, as log text next to the frames: a node that does not check
+        # commands must never look like one that does.
+        a = self.auth
+        if a.mode == "strict":
+            return
+        if a.mode == "dev":
+            msg = b"canopy: UNAUTHENTICATED DEV MODE: no key file, commands are not checked"
+        else:
+            msg = b"canopy: no key file: commands are refused until the node is provisioned"
+        if a.problem:
+            msg += b" (" + a.problem.encode() + b")"
+        self._out.write(msg + b"\n")
 
     # -- the seam main.py calls between ticks ------------------------------------------
 
     def service(self, now_ms):
+        for hook in self._hooks:
+            hook()
         if self._hello_due:
             self.send_hello()
+            if self.auth is not None and not self._auth_warned:
+                self._auth_warned = True
+                self._auth_notice()
         self._drain_events()  # what happened during the tick, before any replies
         if self._poll is not None:
             self._read_input()
             self._drain_events()  # events caused by the commands just answered
+        if self.mesh is not None:
+            self.mesh.poll(now_ms, self._on_mesh_frame)
+            self._drain_events()
         t = self.node.ticks
         if t != self._last_tick and (self._last_tick < 0 or t - self._last_tick >= self.report_every):
             self._last_tick = t
             self.send_reading()
+
+
+def load_auth(node_id, hw=None):
+    """The node's Auth from its key file; dev mode only if sim.json says "auth": "dev"
+    or CANOPY_AUTH=dev is set (unix port)."""
+    from canopy import security
+
+    dev = False
+    sim = getattr(getattr(hw, "world", None), "sim", None)
+    if isinstance(sim, dict) and sim.get("auth") == "dev":
+        dev = True
+    try:
+        import os
+
+        if os.getenv("CANOPY_AUTH") == "dev":
+            dev = True
+    except (ImportError, AttributeError):
+        pass
+    return security.load(node_id, dev)
+
+
+def _is_broadcast(p):
+    return p.buf[6] == 42 and p.buf[7] == 32  # "@CNP1 * "
+
+
+def _is_command(buf, start, end):
+    # "@CNP1 <node> <boot> <seq> C ...": the fifth token is the type letter
+    sp = 0
+    i = start
+    while i < end:
+        if buf[i] == 32:
+            sp += 1
+            if sp == 4:
+                return i + 2 < end and buf[i + 1] == 67 and buf[i + 2] == 32
+        i += 1
+    return False
 
 
 def _drain_tx():

@@ -102,6 +102,7 @@ class Node:
         self.events_dropped = 0
         self._identify_left = 0
         self._led_on = False
+        self.quarantined = False  # set by the repair agent: actuators held at failsafe
         self.cond = Conditioner(3, self.cfg["ema_shift"])
         self.ctrl = Controller(self.cfg)
         self.health = SensorHealth(self.cfg)
@@ -195,6 +196,9 @@ class Node:
                     self._push(EV_RECOVERED, 0)
             self.cond.update(adj, self.meas)
             self.ctrl.step(self.meas, self.out)
+        if self.quarantined:
+            # Readings go on (consensus decides on release), the actuators stay safe.
+            self.ctrl.failsafe(self.out)
         self._actuate()
         self._status_led()
         # Start the next conversion now; it completes long before the next tick.
@@ -279,6 +283,13 @@ class Node:
             self.cond.reset(self.adj)
         self._push(EV_CALIBRATE, channel)
         return total
+
+    def set_quarantine(self, on):
+        """Hold the actuators at their failsafe positions (on) or hand them back (off)."""
+        self.quarantined = bool(on)
+        if self.quarantined:
+            self.ctrl.failsafe(self.out)
+            self._actuate()
 
     def identify(self, seconds):
         """Blink the status LED for `seconds` so a person can find this node."""
