@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "canopy_host.export_cmd",
     "canopy_host.plot_cmd",
     "canopy_host.flash_cmd",
+    "canopy_host.deploy_cmd",
+    "canopy_host.provision_cmd",
     "canopy_host.ports_cmd",
     "canopy_host.sim_cmd",
 ]

@@ -1,0 +1,136 @@
+"""`canopy deploy`: the app, board file, identity and key onto nodes, then an acceptance test."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
+
+from . import deploy
+from .boards import load_board
+from .errors import CanopyError
+from .paths import FIRMWARE_DIR
+from .ports import ports_for_board
+from .provision import load_master_key
+from .transport import load_sim_state, resolve_port
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "deploy",
+        help="copy the app (compiled for the board) to nodes, provision them, check they are healthy",
+        description=(
+            "Compile firmware/ with mpy-cross for the board's architecture (virtual nodes get the "
+            ".py sources), hash every file on the node and copy only what differs, write board.json, "
+            "the node identity and its mesh key, then run an acceptance test (BME280 chip id, "
+            "plausible readings, the control loop ticking, a status ping to the running app). "
+            "'flashed' (files verified) and 'healthy' (acceptance passed) are reported separately. "
+            "Ports run in parallel; a JSON report per node goes to stdout."
+        ),
+        epilog=(
+            "examples:\n"
+            "  canopy deploy --board esp32-devkitc --port /dev/ttyUSB0 --zone A\n"
+            "  canopy deploy --board esp32-devkitc --all\n"
+            "  canopy sim --nodes 3 &  canopy deploy --board unix-sim --all"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--board", required=True, help="board name from boards/ (e.g. esp32-devkitc, unix-sim)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--port", action="append", metavar="PORT",
+                        help="serial port, URL or sim:NODE (repeat for several nodes)")
+    target.add_argument("--all", action="store_true",
+                        help="every port whose USB id matches --board (unix-sim: every running virtual node)")
+    p.add_argument("--zone", help="zone to record for new nodes (kept for known ones)")
+    p.add_argument("--node-id", help="node id for a new board (one --port only); known boards keep theirs")
+    p.add_argument("--no-check", action="store_true", help="skip the acceptance test (the node is then not marked healthy)")
+    p.add_argument("--registry", type=Path, help="node registry file (default $CANOPY_REGISTRY or ~/.config/canopy/nodes.json)")
+    p.add_argument("--master-key", type=Path, metavar="FILE",
+                   help="mesh master key file (default $CANOPY_MASTER_KEY_FILE or ~/.config/canopy/mesh_master.key; created if missing)")
+    p.add_argument("--sim-state", metavar="FILE", help="`canopy sim` state file for sim:NODE ports and --all with unix-sim")
+    p.add_argument("--firmware-dir", type=Path, default=FIRMWARE_DIR, help=argparse.SUPPRESS)
+    p.add_argument("--report", type=Path, metavar="FILE", help="also write the JSON report to FILE")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the report")
+    p.set_defaults(func=run)
+
+
+class _Bar(deploy.Progress):
+    def __init__(self, progress: Progress, port: str) -> None:
+        self._p = progress
+        self._task: TaskID = progress.add_task(port, total=None, port=port, status="waiting")
+
+    def stage(self, text: str) -> None:
+        self._p.update(self._task, status=text[:60])
+
+    def total(self, nbytes: int) -> None:
+        self._p.update(self._task, total=max(nbytes, 1), completed=0 if nbytes else 1)
+
+    def advance(self, nbytes: int) -> None:
+        self._p.advance(self._task, nbytes)
+
+
+def _ports(args: argparse.Namespace, board_name: str, virtual: bool) -> list[str]:
+    if not args.all:
+        return [resolve_port(p, args.sim_state) for p in args.port]
+    if virtual:
+        nodes = load_sim_state(args.sim_state)["nodes"]
+        ports = [n["port"] for n in nodes if isinstance(n, dict) and n.get("port")]
+        if not ports:
+            raise CanopyError("--all: no running virtual node has a port (start them with `canopy sim`)")
+        return ports
+    board = load_board(board_name)
+    ports = [p.device for p in ports_for_board(board)]
+    if not ports:
+        ids = ", ".join(str(u) for u in board.usb)
+        raise CanopyError(f"--all found no connected port with a {board.name} USB id ({ids}); see `canopy ports`")
+    return ports
+
+
+def _summary(console: Console, reports: list[deploy.NodeReport]) -> None:
+    for r in reports:
+        what = f"{r.node_id or '?'} ({r.mac or 'no MAC'}): {len(r.copied)} copied, {r.unchanged} unchanged"
+        if r.removed:
+            what += f", {len(r.removed)} removed"
+        if r.healthy:
+            console.print(f"[green]healthy[/green]  {r.port}: {what}, ping {r.ping.get('rtt_ms')} ms ({r.seconds:.1f}s)")
+        elif r.flashed:
+            why = "; ".join(r.problems) or r.error or "acceptance skipped"
+            console.print(f"[yellow]flashed[/yellow]  {r.port}: {what}; NOT healthy: {why}")
+        else:
+            console.print(f"[red]failed[/red]   {r.port}: {r.error}")
+
+
+def run(args: argparse.Namespace) -> int:
+    board = load_board(args.board)
+    virtual = board.chip == "unix"
+    if args.node_id and (args.all or len(args.port) > 1):
+        raise CanopyError("--node-id names one node: use it with a single --port")
+    ports = _ports(args, board.name, virtual)
+    master = load_master_key(args.master_key)
+    console = Console(stderr=True)
+    kw = dict(zone=args.zone, node_id=args.node_id, registry_path=args.registry, check=not args.no_check,
+              firmware_dir=args.firmware_dir)
+    if args.quiet:
+        reports = deploy.deploy_nodes(ports, board, master, **kw)
+    else:
+        columns = (TextColumn("{task.fields[port]}", style="bold"), BarColumn(), DownloadColumn(),
+                   TextColumn("{task.fields[status]}"))
+        with Progress(*columns, console=console, transient=False) as progress:
+            reports = deploy.deploy_nodes(ports, board, master, make_progress=lambda p: _Bar(progress, p), **kw)
+    _summary(console, reports)
+    doc = {"board": board.name, "nodes": [r.to_json() for r in reports]}
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.report:
+        try:
+            args.report.write_text(text + "\n")
+        except OSError as exc:
+            raise CanopyError(f"could not write the report to {args.report}: {exc.strerror}") from None
+    bad = [r for r in reports if not (r.healthy or (args.no_check and r.flashed))]
+    if bad:
+        console.print(f"[red]{len(bad)} of {len(reports)} node(s) not healthy[/red]")
+        return 1
+    return 0
