@@ -37,7 +37,10 @@ KERNELS = ("bme280", "health", "condition", "control", "pipeline", "tick")
 # Rows whose C column is not the same work (the tick's simulated I/O has no C twin).
 NOT_LIKE_FOR_LIKE = ("tick",)
 VIPER_TARGET = 2.5  # viper ns/call at most this many times the C -O2 ns/call
-CFLAGS = ["-O2", "-fwrapv"]
+CFLAGS = ["-O2"]
+# For correctness checks: any signed overflow in a C reference aborts instead of
+# silently wrapping, so "C == viper" can never hold by accident of undefined behaviour.
+SANITIZE = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
 
 
 class BenchError(RuntimeError):
@@ -46,14 +49,17 @@ class BenchError(RuntimeError):
 
 # ---- building the C reference and the bytecode firmware ---------------------------------
 
-def build_c(out_dir: Path) -> Path:
-    """Compile tests/bench/c/harness.c with gcc -O2 into out_dir; return the executable."""
+def build_c(out_dir: Path, sanitize: bool = False) -> Path:
+    """Compile tests/bench/c/harness.c with gcc -O2 into out_dir; return the executable.
+
+    sanitize=True adds UBSan (for the smoke test's eval runs, never for timing).
+    """
     gcc = shutil.which(os.environ.get("CC", "gcc"))
     if gcc is None:
         raise BenchError("gcc not found (set CC=...): the C reference cannot be built")
     exe = out_dir / "harness"
     proc = subprocess.run(
-        [gcc, *CFLAGS, "-o", str(exe), str(C_DIR / "harness.c")],
+        [gcc, *CFLAGS, *(SANITIZE if sanitize else []), "-o", str(exe), str(C_DIR / "harness.c")],
         capture_output=True, text=True,
     )
     if proc.returncode != 0:

@@ -5,6 +5,11 @@
  * This is the C -O2 reference for the benchmark and the smoke test: it must do the same
  * work per call as the viper kernel (unpack the 8-byte data burst 0xF7..0xFE, compensate
  * T, P and H), so the timing ratio compares like with like.
+ *
+ * One deviation from the datasheet text: where Bosch left-shifts a value that can be
+ * negative (`(var1 * P5) << 1`, `P4 << 16`, `H4 << 20`), this file multiplies by the
+ * power of two instead. The result is the same two's-complement value, but a left shift of
+ * a negative int is undefined in C, and the smoke test runs this file under UBSan.
  */
 #include <stdint.h>
 
@@ -57,8 +62,8 @@ static int32_t bme280_compensate(const uint8_t *d, const bme280_calib *c, int32_
 
     var1 = (t_fine >> 1) - (int32_t)64000;
     var2 = (((var1 >> 2) * (var1 >> 2)) >> 11) * ((int32_t)c->P6);
-    var2 = var2 + ((var1 * ((int32_t)c->P5)) << 1);
-    var2 = (var2 >> 2) + (((int32_t)c->P4) << 16);
+    var2 = var2 + ((var1 * ((int32_t)c->P5)) * 2);
+    var2 = (var2 >> 2) + (((int32_t)c->P4) * 65536);
     var1 = (((c->P3 * (((var1 >> 2) * (var1 >> 2)) >> 13)) >> 3)
             + ((((int32_t)c->P2) * var1) >> 1)) >> 18;
     var1 = ((((32768 + var1)) * ((int32_t)c->P1)) >> 15);
@@ -77,7 +82,7 @@ static int32_t bme280_compensate(const uint8_t *d, const bme280_calib *c, int32_
     out[1] = (int32_t)p;
 
     v = t_fine - ((int32_t)76800);
-    v = (((((adc_H << 14) - (((int32_t)c->H4) << 20) - (((int32_t)c->H5) * v))
+    v = (((((adc_H * 16384) - (((int32_t)c->H4) * 1048576) - (((int32_t)c->H5) * v))
            + ((int32_t)16384)) >> 15)
          * (((((((v * ((int32_t)c->H6)) >> 10)
                 * (((v * ((int32_t)c->H3)) >> 11) + ((int32_t)32768))) >> 10)

@@ -5,8 +5,10 @@
  *   harness eval                   reads "kernel ints..." lines on stdin and prints the
  *                                  outputs, so the smoke test can compare with viper
  *
- * Kernels and the empty baselines are noipa: gcc may neither inline them nor reason about
- * their bodies across the call, so every timed call really happens, like a viper call.
+ * Built with plain gcc -O2 for timing (and with UBSan for the smoke test's eval runs).
+ * Kernels and the empty baselines are noipa: gcc may neither inline them nor reason
+ * about their bodies across the call, so every timed call really happens, like a viper
+ * call.
  * Outputs are folded into a volatile sink so the work cannot be dropped either.
  */
 #define _POSIX_C_SOURCE 199309L

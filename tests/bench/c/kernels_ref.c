@@ -22,7 +22,9 @@ KERNEL static void condition_ref(const int32_t *raw, int32_t *hist, int32_t *ema
         SWAP_GT(a, f); SWAP_GT(b, g); SWAP_GT(a, d); SWAP_GT(b, f); SWAP_GT(a, b);
         SWAP_GT(d, g); SWAP_GT(b, d); SWAP_GT(f, g); SWAP_GT(d, f);
         int32_t s = ema[c];
-        s = s + (((d << 8) - s) >> shift[c]);
+        /* d * 256 is viper's d << 8; C leaves << of a negative value undefined. Right
+         * shifts of negatives are arithmetic in gcc, like viper's. */
+        s = s + ((d * 256 - s) >> shift[c]);
         ema[c] = s;
         out[c] = (s + 128) >> 8;
     }
