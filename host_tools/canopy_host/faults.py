@@ -1,0 +1,438 @@
+"""Per-node fault classification over a history of consensus windows, with a recommended action.
+
+`FaultTracker.observe(verdict, windows)` is called once per zone, quantity and window,
+in time order. It keeps a bounded history per zone and quantity and returns one
+`Finding` per node: its class, the numbers that led there (`evidence`) and an `Action`
+for the repair engine. Classes (docs/consensus.md has the full rules):
+
+    ok            agrees with the zone                               -> none
+    suspect       CUSUM alarm, too few windows to tell drift from a microclimate -> none
+    microclimate  stable offset, tracks the zone, pressure agrees    -> none (offset learned)
+    spike         a single outlier window                            -> none (suppressed)
+    drift         offset growing (CUSUM + trend) or a stable unexplained step -> recalibrate
+    stuck         no variance while the neighbours vary              -> quarantine
+    noise         variance well above the neighbours'                -> quarantine
+    spoofing      MAC/counter failure, impossible value, impossible sustained slew -> quarantine
+    offline       no reading this window (an omission, not a vote)   -> none
+    actuator_mismatch  output != setpoint (push_config) or no physical effect (quarantine)
+    no_quorum     the zone had no quorum: nothing is judged, nothing is actionable
+
+A node in `quarantined` that is `ok` (or a learned microclimate) for `release_after`
+windows in a row gets `release`.
+
+    tracker = FaultTracker()
+    for verdict, windows in per_window_verdicts:     # windows: node -> NodeWindow
+        for finding in tracker.observe(verdict, windows):
+            if finding.actionable and finding.action.kind != "none":
+                plan(finding.action)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .consensus import NO_QUORUM, QUANTITIES, NodeWindow, Verdict
+
+ACTIONS = ("none", "recalibrate", "push_config", "quarantine", "release")
+ALARM_CLASSES = frozenset({"drift", "stuck", "noise", "spoofing", "actuator_mismatch", "spike"})
+ACTUATORS = ("shade", "mist", "fan")
+SECURITY_EVENTS = ("mac_failure", "replay", "counter_rollback", "cross_node", "unauthenticated")
+
+
+@dataclass(frozen=True)
+class Action:
+    """What the repair engine should do. `offset` (recalibrate only) is the node's new
+    total offset in the quantity's JSON units: the node should report value - offset."""
+
+    kind: str  # one of ACTIONS
+    node: str
+    quantity: str | None = None
+    offset: float | None = None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACTIONS:
+            raise ValueError(f"unknown action {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class Finding:
+    node: str
+    zone: str
+    quantity: str
+    window_start: float
+    fault: str  # the class
+    alarm: bool  # a fault class (spike included: it is reported, though never repaired)
+    actionable: bool  # False on NO_QUORUM verdicts: never repair automatically then
+    action: Action
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        a = asdict(self.action)
+        a.pop("node")
+        return {"class": self.fault, "alarm": self.alarm, "actionable": self.actionable,
+                "action": {k: v for k, v in a.items() if v not in (None, "")},
+                "evidence": {k: _r(v) for k, v in self.evidence.items()}}
+
+
+def _r(v: Any) -> Any:
+    return round(v, 6) if isinstance(v, float) else v
+
+
+@dataclass
+class FaultConfig:
+    history: int = 120  # windows kept per zone and quantity
+    min_windows: int = 6  # windows needed to call drift vs microclimate, noise, stuck
+    cusum_k: float = 0.25  # CUSUM slack, in units of the node's interval half-width
+    cusum_h: float = 2.0  # CUSUM alarm threshold, same units
+    trend_fraction: float = 0.25  # trend over the fit window above this * width = drift
+    stable_fraction: float = 0.25  # residual std below this * width = a stable offset
+    min_correlation: float = 0.5  # first differences node vs zone, for a microclimate
+    noise_ratio: float = 3.0  # residual-difference std / neighbours' median std
+    stuck_windows: int = 5
+    actuator_tolerance: float = 5.0  # percentage points
+    mismatch_windows: int = 2
+    effect_windows: int = 3
+    mist_on: float = 50.0  # %: misting this hard must raise humidity...
+    mist_min_rise: float = 0.5  # ...by at least this many %RH over effect_windows
+    release_after: int = 5
+
+
+@dataclass
+class _Win:
+    start: float
+    zone_value: float | None
+    values: dict[str, float]  # raw node values
+    spreads: dict[str, float]
+    widths: dict[str, float]
+    truechimers: frozenset[str]
+    last_time: dict[str, float]
+
+
+class FaultTracker:
+    def __init__(self, config: FaultConfig | None = None, *, allowance: Mapping[str, float] | None = None,
+                 quarantined: Iterable[str] = (), offsets: Mapping[str, Mapping[str, float]] | None = None) -> None:
+        self.cfg = config or FaultConfig()
+        self.allowance = {q: QUANTITIES[q]["allowance"] for q in QUANTITIES}
+        self.allowance.update(allowance or {})
+        self.offsets: dict[tuple[str, str, str], float] = {}  # (zone, node, quantity) -> learned offset
+        self.base_offsets = {n: dict(m) for n, m in (offsets or {}).items()}  # node -> quantity -> offset
+        self.quarantined: set[str] = set(quarantined)
+        self._hist: dict[tuple[str, str], deque[_Win]] = {}
+        self._cusum_from: dict[tuple[str, str, str], float] = {}  # windows before this start are ignored
+        self._good_run: dict[str, int] = {}
+        self._act: dict[tuple[str, str, str], deque[tuple[float, NodeWindow]]] = {}
+
+    def offset(self, zone: str, node: str, quantity: str) -> float:
+        """The node's current offset: learned here, else given at start, else 0."""
+        got = self.offsets.get((zone, node, quantity))
+        return got if got is not None else self.base_offsets.get(node, {}).get(quantity, 0.0)
+
+    def offsets_for(self, zone: str, quantity: str, nodes: Iterable[str]) -> dict[str, float]:
+        return {n: self.offset(zone, n, quantity) for n in nodes}
+
+    # -- sensor quantities ------------------------------------------------------------
+
+    def observe(self, verdict: Verdict, windows: Mapping[str, NodeWindow],
+                security: Mapping[str, Mapping[str, int]] | None = None) -> list[Finding]:
+        """Findings for every node of the zone (present now or seen in the history).
+        `security`: node -> {event kind: count} reported by the security layer this window."""
+        cfg = self.cfg
+        zone, q, ws = verdict.zone, verdict.quantity, verdict.window_start
+        key = (zone, q)
+        hist = self._hist.setdefault(key, deque(maxlen=cfg.history))
+        qinfo = QUANTITIES.get(q, {})
+        acc_default = qinfo.get("accuracy", 1.0)
+        allow = self.allowance.get(q, 0.0)
+        win = _Win(ws, verdict.value if verdict.status != NO_QUORUM else None,
+                   {n: w.value for n, w in windows.items()}, {n: w.spread for n, w in windows.items()},
+                   {n: (w.accuracy if w.accuracy is not None else acc_default) + allow for n, w in windows.items()},
+                   frozenset(verdict.truechimers), {n: w.last_time for n, w in windows.items()})
+        hist.append(win)
+        seen: set[str] = set()
+        for w in hist:
+            seen.update(w.values)
+        security = security or {}
+        out = []
+        for node in sorted(seen):
+            f = self._classify(zone, q, node, hist, verdict, security.get(node, {}))
+            out.append(self._track_release(f))
+        return out
+
+    def _finding(self, verdict: Verdict, node: str, fault: str, kind: str, evidence: dict[str, Any],
+                 offset: float | None = None, reason: str = "") -> Finding:
+        actionable = verdict.actionable
+        return Finding(node, verdict.zone, verdict.quantity, verdict.window_start, fault, fault in ALARM_CLASSES,
+                       actionable, Action(kind, node, verdict.quantity, offset, reason), evidence)
+
+    def _track_release(self, f: Finding) -> Finding:
+        if f.node not in self.quarantined:
+            return f
+        if f.fault in ("ok", "microclimate"):
+            run = self._good_run.get(f.node, 0) + 1
+            self._good_run[f.node] = run
+            if run >= self.cfg.release_after and f.actionable:
+                ev = dict(f.evidence, agreeing_windows=run)
+                return Finding(f.node, f.zone, f.quantity, f.window_start, f.fault, False, f.actionable,
+                               Action("release", f.node, f.quantity, None, "agrees with the zone again"), ev)
+        elif f.fault != "offline":
+            self._good_run[f.node] = 0
+        return f
+
+    def _classify(self, zone: str, q: str, node: str, hist: deque[_Win], verdict: Verdict,
+                  sec: Mapping[str, int]) -> Finding:
+        cfg = self.cfg
+        now = hist[-1]
+        if node not in now.values:
+            last = max((w.start for w in hist if node in w.values), default=None)
+            return self._finding(verdict, node, "offline", "none", {"last_window": last},
+                                 reason="omission: excluded from the vote, not a fault")
+        bad = {k: int(v) for k, v in sec.items() if v}
+        if bad:
+            return self._finding(verdict, node, "spoofing", "quarantine", {"security_events": bad},
+                                 reason="security layer reported MAC/counter failures")
+        v = now.values[node]
+        lo, hi = QUANTITIES[q]["range"] if q in QUANTITIES else (-math.inf, math.inf)
+        if not lo <= v <= hi:
+            return self._finding(verdict, node, "spoofing", "quarantine",
+                                 {"value": v, "range_low": lo, "range_high": hi},
+                                 reason="physically impossible value for the sensor")
+        if verdict.status == NO_QUORUM or now.zone_value is None:
+            return self._finding(verdict, node, "no_quorum", "none", {"reason": verdict.reason})
+
+        off = self.offset(zone, node, q)
+        width = now.widths[node]
+        # The node's series over the windows where the zone had a value.
+        series = [(w.start, w.values[node] - off - w.zone_value, w.values[node], w.zone_value, w.spreads[node],
+                   w.last_time[node]) for w in hist if node in w.values and w.zone_value is not None]
+        e_now = series[-1][1]
+        outlier = abs(e_now) > width or node not in now.truechimers
+        prev_outlier = len(series) >= 2 and (abs(series[-2][1]) > width)
+
+        if outlier and prev_outlier and len(series) >= 2:
+            # A jump that stays: physically impossible if it happened faster than the air can.
+            jump_at = len(series) - 2
+            while jump_at > 0 and abs(series[jump_at - 1][1]) > width:
+                jump_at -= 1
+            if jump_at > 0:
+                a, b = series[jump_at - 1], series[jump_at]
+                dt = max(b[5] - a[5], 1e-9)
+                slew = abs(b[2] - a[2]) / dt
+                max_slew = QUANTITIES.get(q, {}).get("max_slew", math.inf)
+                if slew > max_slew:
+                    return self._finding(verdict, node, "spoofing", "quarantine",
+                                         {"slew_per_s": slew, "max_slew_per_s": max_slew, "jump": b[2] - a[2],
+                                          "windows_since": len(series) - jump_at},
+                                         reason="physically impossible sustained slew")
+        # Neighbours come before the spike test: a noisy node has many lone outliers.
+        stuck = self._stuck(node, hist, q)
+        if stuck is not None:
+            return self._finding(verdict, node, "stuck", "quarantine", stuck,
+                                 reason="no variance while the neighbours vary")
+        noise = self._noise(node, hist, width)
+        if noise is not None:
+            return self._finding(verdict, node, "noise", "quarantine", noise,
+                                 reason="variance well above the neighbours'")
+
+        # Two-sided CUSUM on the residual since the last learned offset. Residuals are
+        # clipped at the interval half-width so one spike cannot raise a drift alarm.
+        start = self._cusum_from.get((zone, node, q), -math.inf)
+        res = [s for s in series if s[0] >= start]
+        k, h = cfg.cusum_k * width, cfg.cusum_h * width
+        sp = sn = 0.0
+        alarm_before = False
+        for i, s in enumerate(res):
+            e = min(max(s[1], -width), width)
+            sp = max(0.0, sp + e - k)
+            sn = max(0.0, sn - e - k)
+            if i < len(res) - 1 and (sp > h or sn > h):
+                alarm_before = True
+        alarm = sp > h or sn > h or alarm_before
+        if outlier and not prev_outlier and not alarm_before:
+            return self._finding(verdict, node, "spike", "none",
+                                 {"residual": e_now, "width": width, "falseticker": node not in now.truechimers},
+                                 reason="single outlier: suppressed, never repaired")
+        ev: dict[str, Any] = {"residual": e_now, "cusum_pos": sp, "cusum_neg": sn, "threshold": h, "offset": off}
+        if not alarm and not outlier:
+            return self._finding(verdict, node, "ok", "none", ev)
+        # Lone outliers (spikes) would tilt the fit: leave them out.
+        tail = [s for i, s in enumerate(res) if not _lone(res, i, width)][-cfg.min_windows * 2:]
+        if len(tail) < cfg.min_windows:
+            return self._finding(verdict, node, "suspect", "none", dict(ev, windows=len(tail)),
+                                 reason="offset building up; too few windows to classify yet")
+        xs = [s[0] for s in tail]
+        es = [s[1] for s in tail]
+        slope, intercept, resid_std = _fit(xs, es)
+        trend = abs(slope) * (xs[-1] - xs[0])
+        ev.update(slope_per_s=slope, trend=trend, residual_std=resid_std, windows=len(tail))
+        if trend > cfg.trend_fraction * width:
+            fitted = slope * xs[-1] + intercept
+            return self._finding(verdict, node, "drift", "recalibrate", dict(ev, kind="trend"), off + fitted,
+                                 reason="offset growing (CUSUM alarm and a trend)")
+        level = _median_of(es)
+        if resid_std < cfg.stable_fraction * width and q != "p":
+            corr = _corr(_diff([s[2] for s in tail]), _diff([s[3] for s in tail]))
+            p_res = self._pressure_residual(zone, node, [s[0] for s in tail])
+            ev.update(level=level, correlation=corr, pressure_residual=p_res)
+            p_width = QUANTITIES["p"]["accuracy"] + self.allowance.get("p", 0.0)
+            if corr is not None and corr >= cfg.min_correlation and p_res is not None and abs(p_res) <= p_width:
+                self.offsets[(zone, node, q)] = off + level
+                self._cusum_from[(zone, node, q)] = now.start + 1e-9
+                return self._finding(verdict, node, "microclimate", "none", dict(ev, learned_offset=off + level),
+                                     reason="stable offset that tracks the zone with pressure agreeing: learned")
+        return self._finding(verdict, node, "drift", "recalibrate", dict(ev, kind="step", level=level),
+                             off + level, reason="stable offset not explained by a microclimate")
+
+    def _stuck(self, node: str, hist: deque[_Win], q: str) -> dict[str, Any] | None:
+        cfg = self.cfg
+        wins = [w for w in hist if node in w.values][-cfg.stuck_windows:]
+        if len(wins) < cfg.stuck_windows:
+            return None
+        res = QUANTITIES.get(q, {}).get("resolution", 1e-6)
+        mine = [w.values[node] for w in wins]
+        my_range = max(mine) - min(mine)
+        my_spread = max(w.spreads[node] for w in wins)
+        others = [n for n in wins[-1].values if n != node and all(n in w.values for w in wins)]
+        if not others:
+            return None
+        ranges = sorted(max(w.values[n] for w in wins) - min(w.values[n] for w in wins) for n in others)
+        neigh = _median_of(ranges)
+        if my_range <= res and my_spread <= res and neigh > 10 * res:
+            return {"range": my_range, "neighbour_range": neigh, "windows": len(wins)}
+        return None
+
+    def _noise(self, node: str, hist: deque[_Win], width: float) -> dict[str, Any] | None:
+        cfg = self.cfg
+        wins = [w for w in hist if w.zone_value is not None and node in w.values][-cfg.min_windows * 2:]
+        if len(wins) < cfg.min_windows:
+            return None
+
+        def scatter(n: str) -> float | None:
+            # Robust (median absolute first difference, scaled to a std for Gaussian
+            # noise): one spike moves two differences, not the median.
+            es = [w.values[n] - w.zone_value for w in wins if n in w.values]  # type: ignore[operator]
+            if len(es) < cfg.min_windows:
+                return None
+            d = _median_of([abs(x) for x in _diff(es)]) * 1.4826 / math.sqrt(2)
+            return d + _median_of([w.spreads.get(n, 0.0) for w in wins if n in w.values])
+
+        mine = scatter(node)
+        others = [s for n in wins[-1].values if n != node for s in [scatter(n)] if s is not None]
+        if mine is None or not others:
+            return None
+        neigh = max(_median_of(others), 0.02 * width)
+        ratio = mine / neigh
+        if ratio >= cfg.noise_ratio:
+            return {"std": mine, "neighbour_std": neigh, "ratio": ratio, "windows": len(wins)}
+        return None
+
+    def _pressure_residual(self, zone: str, node: str, starts: list[float]) -> float | None:
+        hist = self._hist.get((zone, "p"))
+        if not hist:
+            return None
+        want = set(starts)
+        res = [w.values[node] - self.offset(zone, node, "p") - w.zone_value for w in hist
+               if w.start in want and node in w.values and w.zone_value is not None]
+        if len(res) < max(2, len(starts) // 2):
+            return None
+        return _median_of(res)
+
+    # -- actuators --------------------------------------------------------------------
+
+    def observe_actuator(self, zone: str, quantity: str, window_start: float, windows: Mapping[str, NodeWindow],
+                         humidity: Mapping[str, float] | None = None, *, actionable: bool = True) -> list[Finding]:
+        """Findings for reported actuator outputs (`value`) against their setpoints.
+        `humidity`: node -> its raw humidity this window, to check that misting has an effect."""
+        cfg = self.cfg
+        out = []
+        dummy = Verdict(zone, quantity, window_start, "OK", None, None, None, False, [], [], 3, 0, None)
+        for node, nw in sorted(windows.items()):
+            key = (zone, node, quantity)
+            h = self._act.setdefault(key, deque(maxlen=cfg.history))
+            h.append((window_start, nw))
+            hum = self._act.setdefault((zone, node, "_h"), deque(maxlen=cfg.history))
+            if humidity and node in humidity:
+                hum.append((window_start, NodeWindow(humidity[node], 0.0, 1, 0.0, window_start, window_start)))
+
+            def fin(fault: str, kind: str, ev: dict[str, Any], reason: str) -> Finding:
+                return Finding(node, zone, quantity, window_start, fault, fault in ALARM_CLASSES, actionable,
+                               Action(kind, node, quantity, None, reason), ev)
+
+            last = list(h)[-cfg.mismatch_windows:]
+            diffs = [abs(w.value - w.setpoint) for _, w in last if w.setpoint is not None]
+            if len(diffs) == cfg.mismatch_windows and min(diffs) > cfg.actuator_tolerance:
+                out.append(fin("actuator_mismatch", "push_config",
+                               {"reported": nw.value, "setpoint": nw.setpoint, "windows": len(diffs)},
+                               "reported output differs from the setpoint"))
+                continue
+            if quantity == "mist":
+                run = list(h)[-cfg.effect_windows:]
+                hs = {s: w.value for s, w in hum}
+                if (len(run) == cfg.effect_windows and all(w.value >= cfg.mist_on for _, w in run)
+                        and all(s in hs for s, _ in run)):
+                    rise = hs[run[-1][0]] - hs[run[0][0]]
+                    if rise < cfg.mist_min_rise:
+                        out.append(fin("actuator_mismatch", "quarantine",
+                                       {"mist": nw.value, "humidity_rise": rise, "windows": len(run)},
+                                       "misting without the expected humidity rise"))
+                        continue
+            out.append(fin("ok", "none", {"reported": nw.value, "setpoint": nw.setpoint}, ""))
+        return out
+
+
+# -- small statistics (no numpy on purpose: the host toolchain stays light) ---------------
+
+
+def _median_of(xs: list[float]) -> float:
+    s = sorted(xs)
+    m = len(s)
+    return s[m // 2] if m % 2 else (s[m // 2 - 1] + s[m // 2]) / 2.0
+
+
+def _lone(series: list[tuple], i: int, width: float) -> bool:
+    if abs(series[i][1]) <= width:
+        return False
+    before = i == 0 or abs(series[i - 1][1]) <= width
+    after = i == len(series) - 1 or abs(series[i + 1][1]) <= width
+    return before and after
+
+
+def _diff(xs: list[float]) -> list[float]:
+    return [b - a for a, b in zip(xs, xs[1:])]
+
+
+def _std(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _rms(xs: list[float]) -> float:
+    return math.sqrt(sum(x * x for x in xs) / len(xs)) if xs else 0.0
+
+
+def _corr(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3 or len(a) != len(b):
+        return None
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a)
+    vb = sum((y - mb) ** 2 for y in b)
+    if va <= 0 or vb <= 0:
+        return None
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / math.sqrt(va * vb)
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least-squares line: (slope, intercept, std of the residuals around it)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    intercept = my - slope * mx
+    res = [y - (slope * x + intercept) for x, y in zip(xs, ys)]
+    return slope, intercept, _std(res) if n > 2 else 0.0
