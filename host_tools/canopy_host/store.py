@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import CanopyError
+from .protocol import READING_KEYS
 
 SCHEMA_VERSION = 2
 
@@ -45,6 +46,11 @@ READING_COLUMNS = (
     "faults", "failsafe", "tick", "i_shade", "i_mist", "i_fan",
 )
 _COLSET = frozenset(READING_COLUMNS)
+# INSERT lists the reading columns in wire order (protocol.READING_KEYS), the order the
+# parser builds a reading's dict in: the common row is then just its values.
+_ROW_KEYS = READING_KEYS
+assert frozenset(_ROW_KEYS) == _COLSET and len(_ROW_KEYS) == len(READING_COLUMNS)
+_INT_ONLY = {int}
 _INT_OR_NONE = frozenset({int, type(None)})
 
 SCHEMA = f"""
@@ -107,7 +113,7 @@ EVENT_KINDS = (
 )
 
 _FRAME_SQL = (
-    f"INSERT INTO frames (rx_time, port, node, boot, seq, kind, {', '.join(READING_COLUMNS)}, extra) "
+    f"INSERT INTO frames (rx_time, port, node, boot, seq, kind, {', '.join(_ROW_KEYS)}, extra) "
     f"VALUES ({', '.join('?' * (7 + len(READING_COLUMNS)))})"
 )
 _EVENT_SQL = (
@@ -146,8 +152,14 @@ def frame_row(rx_time: float, port: str, frame: FrameLike) -> tuple[Any, ...]:
     This runs once per received frame, so the common case (a reading whose fields are
     exactly the integer columns) takes a short path without building any JSON."""
     fields = frame.fields
-    if frame.kind == "reading":
-        values = tuple(map(fields.get, READING_COLUMNS))
+    kind = frame.kind
+    if kind == "reading":
+        # Exactly the wire keys, in wire order, all true ints: what the parser produces.
+        if len(fields) == len(_ROW_KEYS) and tuple(fields) == _ROW_KEYS:
+            values = tuple(fields.values())
+            if set(map(type, values)) == _INT_ONLY:
+                return (rx_time, port, frame.node, frame.boot, frame.seq, kind, *values, None)
+        values = tuple(map(fields.get, _ROW_KEYS))
         if set(map(type, values)) <= _INT_OR_NONE and _COLSET.issuperset(fields):
             extra = None
         else:
@@ -158,7 +170,7 @@ def frame_row(rx_time: float, port: str, frame: FrameLike) -> tuple[Any, ...]:
     else:
         values = _NO_COLUMNS
         extra = _json(fields) if fields else None
-    return (rx_time, port, frame.node, frame.boot, frame.seq, frame.kind, *values, extra)
+    return (rx_time, port, frame.node, frame.boot, frame.seq, kind, *values, extra)
 
 
 def open_db(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
