@@ -377,6 +377,35 @@ class Link:
             self.send_reading()
 
 
+def from_flash(node, **kw):
+    """The Link main.py should build: auth from the key file (load_auth) and, when the
+    board/sim.json has a "mesh" section, the mesh radio (docs/mesh.md)."""
+    hw = getattr(node, "hw", None)
+    nid = kw.pop("node_id", None) or default_node_id(hw)
+    mesh = None
+    gateway = False
+    sim = getattr(getattr(hw, "world", None), "sim", None)
+    board = getattr(hw, "board", None)
+    cfg = None
+    if isinstance(sim, dict):
+        cfg = sim.get("mesh")
+    elif isinstance(board, dict):
+        cfg = board.get("mesh")
+    if isinstance(cfg, dict):
+        from canopy.mesh import DEFAULT_TTL, EspNowRadio, Mesh
+
+        gateway = bool(cfg.get("gateway", False))
+        if "port" in cfg:
+            from canopy.sim.radio import UdpRadio
+
+            radio = UdpRadio(cfg["port"], cfg.get("peers", {}), cfg.get("loss", 0.0),
+                             cfg.get("delay_ms", 0), cfg.get("seed", 1), hw.ticks_ms, "mesh.json")
+        else:
+            radio = EspNowRadio(cfg.get("channel"))
+        mesh = Mesh(nid, radio, cfg.get("ttl", DEFAULT_TTL))
+    return Link(node, node_id=nid, auth=load_auth(nid, hw), mesh=mesh, gateway=gateway, **kw)
+
+
 def load_auth(node_id, hw=None):
     """The node's Auth from its key file; dev mode only if sim.json says "auth": "dev"
     or CANOPY_AUTH=dev is set (unix port)."""

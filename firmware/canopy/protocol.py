@@ -40,6 +40,7 @@ _SIGN = 1 << 31  # passed into viper (a literal this big does not compile for th
 NONE = const(0)
 COMMAND = const(1)
 ERROR = const(2)
+RELAY = const(3)  # a command frame for another node, kept in buf[0:n] (gateway relay)
 
 _AT = const(64)
 _SP = const(32)
@@ -187,6 +188,7 @@ class Encoder:
         self.n = 0
         self._over = False
         self._vals = array("i", bytearray(60))  # the 15 reading values
+        self.auth = None  # canopy.security.Auth: when it has a key, every frame is tagged
 
     # -- low level, allocation-free for small ints and bytes constants --
     def _put(self, src):
@@ -285,9 +287,13 @@ class Encoder:
 
     def _finish(self):
         n = self.n
-        if self._over or n + 11 > MAX_FRAME:
+        auth = self.auth
+        tagged = auth is not None and auth.hmac is not None
+        if self._over or n + (45 if tagged else 11) > MAX_FRAME:
             raise _TOO_LONG
         buf = self.buf
+        if tagged:
+            n = auth.tag_into(buf, n)  # " !<tag>" over buf[0:n]; the CRC then covers it
         _crc_hex(buf, 0, n, _TABLE, buf, n + 2, -1, _HEX)
         buf[n] = _SP
         buf[n + 1] = _STAR
@@ -324,10 +330,12 @@ class Encoder:
 
     def hello(self, board, fw_version, fw_hash, cfg_version, cfg_digest):
         # Caps keep the worst case (16-char node id, 10-digit boot/seq/version) at 240 bytes.
+        # A tagged hello needs 34 more: tighter caps keep it at 250 (cfg_version <= 1000).
+        tagged = self.auth is not None and self.auth.hmac is not None
         self._begin(72)  # 'H'
-        self._kvs(b"board", board, 24)
-        self._kvs(b"fw_version", fw_version, 16)
-        self._kvs(b"fw_hash", fw_hash, 16)
+        self._kvs(b"board", board, 18 if tagged else 24)
+        self._kvs(b"fw_version", fw_version, 10 if tagged else 16)
+        self._kvs(b"fw_hash", fw_hash, 10 if tagged else 16)
         self._kv(b"cfg_version", cfg_version)
         self._kvs(b"cfg_digest", cfg_digest, 64)
         return self._finish()
@@ -416,6 +424,8 @@ class CommandParser:
         self.errors = 0
         self.ignored = 0
         self.garbage_bytes = 0
+        self.tag_at = -1  # index of the '!' of the last command's tag token, -1 = none
+        self.relay = False  # gateway: return RELAY for command frames addressed elsewhere
 
     def push(self, b):
         st = self.state
@@ -499,6 +509,9 @@ class CommandParser:
             return NONE
         if toks[1] != self.node and toks[1] != "*":
             self.ignored += 1
+            if self.relay:
+                self.n = n
+                return RELAY
             return NONE
         if not _is_digits(toks[2]) or len(toks[2]) > 10:
             return self._fail("malformed", counter, "boot")
@@ -508,6 +521,7 @@ class CommandParser:
         cmd = toks[5]
         args = {}
         tag = None
+        self.tag_at = -1
         last = len(toks) - 1
         for j in range(6, len(toks)):
             t = toks[j]
@@ -515,6 +529,7 @@ class CommandParser:
                 if j != last or len(t) != TAG_HEX + 1 or not _is_hex(t[1:]):
                     return self._fail("malformed", counter, "tag")
                 tag = t[1:]
+                self.tag_at = e - TAG_HEX - 1
                 continue
             eq = t.find("=")
             if eq <= 0:

@@ -24,7 +24,7 @@ MAX_FRAME = 250  # bytes per frame line including the LF (an extra CR is tolerat
 MAX_TEXT_LINE = 1024  # longer free-text runs are split, so memory stays bounded
 MAX_NODE_ID = 16
 MAX_STR = 64
-TAG_BYTES = 16  # reserved: truncated HMAC-SHA256 tag on commands (not used in v1)
+TAG_BYTES = 16  # truncated HMAC-SHA256 tag (docs/security.md); verified by canopy_host.security
 SEQ_WRAP = 0x3FFFFFFF  # the node's sequence number wraps to 0 after this value
 
 KINDS = {
@@ -60,8 +60,8 @@ _READING_RE = re.compile(rb"-?[0-9]{1,11}(?:,-?[0-9]{1,11}){%d,}\Z" % (len(READI
 # classes, no '@' after the marker, printable only); anything else, including a CRC
 # mismatch, takes the general path, so the counters and errors stay exactly the same.
 _FAST_READING_RE = re.compile(
-    rb"((@CNP1 ([A-Za-z0-9_-]{1,16}) ([0-9]{1,10}) ([0-9]{1,10}) R (-?[0-9]{1,11}(?:,-?[0-9]{1,11}){%d,}))"
-    rb" \*([0-9a-fA-F]{8}))\r?\n" % (len(READING_KEYS) - 1)
+    rb"((@CNP1 ([A-Za-z0-9_-]{1,16}) ([0-9]{1,10}) ([0-9]{1,10}) R (-?[0-9]{1,11}(?:,-?[0-9]{1,11}){%d,})"
+    rb"(?: !([0-9a-fA-F]{32}))?) \*([0-9a-fA-F]{8}))\r?\n" % (len(READING_KEYS) - 1)
 )
 
 
@@ -73,6 +73,7 @@ class Frame:
     seq: int  # for commands: the host's command counter
     fields: dict[str, object]
     raw: bytes = field(repr=False)  # the frame line without its line ending
+    tag: str | None = None  # the '!' token's 32 hex digits (docs/security.md), if any
 
 
 class _Malformed(Exception):
@@ -130,6 +131,11 @@ def parse_line(line: bytes) -> Frame:
     payload = rest.split(b" ") if rest is not None else []
     if b"" in payload:
         raise ValueError("malformed: empty token")
+    frame_tag = None
+    if payload and payload[-1].startswith(b"!") and kind != "command":
+        if not _TAG_RE.match(payload[-1]):
+            raise ValueError(f"malformed: bad {kind} tag")
+        frame_tag = payload.pop()[1:].decode("ascii")
     try:
         if kind == "reading":
             if len(payload) != 1 or not _READING_RE.match(payload[0]):
@@ -151,12 +157,12 @@ def parse_line(line: bytes) -> Frame:
             # command arguments are typed by their text alone, as the node parses them
             fields = {"cmd": cmd, "args": _kv_fields(arg_toks, frozenset())}
             if tag is not None:
-                fields["tag"] = tag
+                fields["tag"] = frame_tag = tag
         else:
             fields = _kv_fields(payload)
     except _Malformed:
         raise ValueError(f"malformed: bad {kind} payload") from None
-    return Frame(kind, node.decode("ascii"), int(boot), int(seq), fields, bytes(line))
+    return Frame(kind, node.decode("ascii"), int(boot), int(seq), fields, bytes(line), frame_tag)
 
 
 class FrameParser:
@@ -235,13 +241,14 @@ class FrameParser:
             if buf.startswith(MARKER, pos):
                 m = fast(buf, pos)
                 if m is not None:
-                    line, body, node, boot, seq, values, crc = m.groups()
+                    line, body, node, boot, seq, values, tag, crc = m.groups()
                     if len(line) < MAX_FRAME and crc32(body) == int(crc, 16):
                         name = names.get(node)
                         if name is None:
                             name = names[node] = node.decode("ascii")
                         out.append(Frame("reading", name, int(boot), int(seq),
-                                         dict(zip(READING_KEYS, map(int, values.split(b",")))), line))
+                                         dict(zip(READING_KEYS, map(int, values.split(b",")))), line,
+                                         tag.decode("ascii") if tag is not None else None))
                         self.frames += 1
                         pos = m.end()
                         continue

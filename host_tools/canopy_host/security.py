@@ -47,3 +47,188 @@ def derive_node_key(master: bytes, node_id: str) -> bytes:
     if not isinstance(node_id, str) or not node_id:
         raise SecurityError("node id must be a non-empty string")
     return hmac.new(bytes(master), KDF_LABEL + node_id.encode("ascii"), hashlib.sha256).digest()
+
+
+def key_file_text(key: bytes, node_id: str) -> str:
+    """The node's key file (`canopy_key.json` on its flash root), as provisioning writes it."""
+    if len(key) != KEY_BYTES:
+        raise SecurityError(f"a node key is {KEY_BYTES} bytes")
+    return json.dumps({"v": 1, "node_id": node_id, "key": key.hex()}) + "\n"
+
+
+def read_key_file(path: Path) -> tuple[str, bytes]:
+    """(node_id, key) from a key file; a clear error for anything else."""
+    try:
+        d = json.loads(path.read_text())
+        key = bytes.fromhex(d["key"])
+        nid = d["node_id"]
+        if d.get("v") != 1 or len(key) != KEY_BYTES or not isinstance(nid, str) or not nid:
+            raise ValueError
+    except OSError as e:
+        raise SecurityError(f"cannot read key file {path}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise SecurityError(
+            f"{path} is not a Canopy key file ({{\"v\": 1, \"node_id\": ..., \"key\": <64 hex>}})"
+        ) from None
+    return nid, key
+
+
+def load_master_key(path: Path) -> bytes:
+    """The mesh master key: a file holding 64 hex digits (32 bytes), nothing else."""
+    try:
+        text = path.read_text().strip()
+    except OSError as e:
+        raise SecurityError(f"cannot read master key {path}: {e.strerror or e}") from None
+    try:
+        master = bytes.fromhex(text)
+    except ValueError:
+        master = b""
+    if len(master) < 16:
+        raise SecurityError(f"{path}: the master key file must hold at least 32 hex digits")
+    return master
+
+
+def tag_bytes(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256(key, data) truncated to 16 bytes."""
+    return hmac.new(key, data, hashlib.sha256).digest()[:TAG_BYTES]
+
+
+def tag_command(key: bytes, node: str, counter: int, cmd: str, args: dict[str, object] | None = None,
+                *, boot: int = 0) -> bytes:
+    """A command line carrying its tag: the tag covers the line up to the ' !' token."""
+    from canopy_host.protocol import encode_command
+
+    if node == "*":
+        raise SecurityError("an authenticated command names one node; send one per node instead of '*'")
+    if not 0 <= counter <= COUNTER_MAX:
+        raise SecurityError(f"command counter {counter} is outside 0..{COUNTER_MAX}")
+    plain = encode_command(node, counter, cmd, args, boot=boot)
+    body = plain[: plain.rindex(b" *")]
+    return encode_command(node, counter, cmd, args, boot=boot, tag=tag_bytes(key, body))
+
+
+class CommandCounter:
+    """The host's command counter, persisted so it never repeats across runs.
+
+    Every value is written to disk (atomically, fsync'd) before it is handed out: a
+    crash can skip counters but never reuse one, which the node would refuse.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def _read(self) -> int:
+        try:
+            d = json.loads(self.path.read_text())
+            v = int(d["counter"])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SecurityError(f"{self.path} is not a command counter file; fix or remove it "
+                                "(a removed counter restarts at 0 and nodes refuse old values)") from None
+        return v
+
+    def peek(self) -> int:
+        return self._read()
+
+    def next(self) -> int:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two host tools must not hand out one value twice
+            v = self._read() + 1
+            if v > COUNTER_MAX:
+                raise SecurityError("the command counter is exhausted; re-key the mesh")
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                f.write(json.dumps({"counter": v}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        return v
+
+
+@dataclass
+class ReplayWindow:
+    """Per-node (boot, seq) window: newest boot wins, seqs within 64 of the newest once each."""
+
+    size: int = 64
+    boot: int = -1
+    top: int = -1
+    bits: int = 0  # bit i set = seq (top - i) already accepted
+
+    def check(self, boot: int, seq: int) -> str:
+        """'ok' (and records it), 'replay' (seen or too old) or 'rollback' (an older boot)."""
+        if boot < self.boot:
+            return "rollback"
+        if boot > self.boot:
+            self.boot, self.top, self.bits = boot, seq, 1
+            return "ok"
+        if seq > self.top:
+            shift = seq - self.top
+            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self.top = seq
+            return "ok"
+        back = self.top - seq
+        if back >= self.size or self.bits >> back & 1:
+            return "replay"
+        self.bits |= 1 << back
+        return "ok"
+
+
+VERDICTS = ("ok", "unauth", "forged", "cross_node", "replay", "rollback", "malformed", "unknown_node")
+
+
+@dataclass
+class FrameVerifier:
+    """Checks node -> host frames: tag under the claimed node's key, then the replay window.
+
+    keys: node id -> key. Counts every verdict in `counts`; `events` keeps the last
+    rejects as (node, verdict, boot, seq) for reporting.
+    """
+
+    keys: dict[str, bytes]
+    windows: dict[str, ReplayWindow] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
+    events: list[tuple[str, str, int, int]] = field(default_factory=list)
+
+    @classmethod
+    def from_master(cls, master: bytes, node_ids: list[str]) -> FrameVerifier:
+        return cls({nid: derive_node_key(master, nid) for nid in node_ids})
+
+    def verify(self, frame: object) -> str:
+        """A parsed canopy_host.protocol.Frame -> one of VERDICTS."""
+        verdict = self._verdict(frame)
+        self.counts[verdict] += 1
+        if verdict != "ok":
+            self.events.append((frame.node, verdict, frame.boot, frame.seq))  # type: ignore[attr-defined]
+            del self.events[:-100]
+        return verdict
+
+    def _verdict(self, frame: object) -> str:
+        node: str = frame.node  # type: ignore[attr-defined]
+        raw: bytes = frame.raw  # type: ignore[attr-defined]
+        tag: str | None = frame.tag  # type: ignore[attr-defined]
+        key = self.keys.get(node)
+        if key is None:
+            return "unknown_node"
+        if tag is None:
+            return "unauth"
+        cut = raw.rfind(b" !")
+        if cut < 0 or len(tag) != TAG_HEX:
+            return "malformed"
+        body = raw[:cut]
+        try:
+            got = bytes.fromhex(tag)
+        except ValueError:
+            return "malformed"
+        if not hmac.compare_digest(tag_bytes(key, body), got):
+            # Which key does it verify under? Tells a captured node speaking for another
+            # apart from noise; done only on failure, so the good path stays one HMAC.
+            for other, k in self.keys.items():
+                if other != node and hmac.compare_digest(tag_bytes(k, body), got):
+                    return "cross_node"
+            return "forged"
+        window = self.windows.setdefault(node, ReplayWindow())
+        return window.check(frame.boot, frame.seq)  # type: ignore[attr-defined]
