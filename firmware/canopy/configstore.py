@@ -275,6 +275,9 @@ class ConfigStore:
             raise StoreError("activate: would roll back to an older version")
         if self._exists(ACTIVE):
             self._copy_atomic(ACTIVE, PREV)
+        else:
+            # Running on the built-in defaults: they become the fallback file.
+            self._write_atomic(PREV, _config.canonical_json(active_cfg).encode())
         self._write_atomic(TRIAL, (digest + " 0").encode())
         os.rename(self.path(STAGED), self.path(ACTIVE))
         return "activated"

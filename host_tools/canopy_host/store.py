@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from .errors import CanopyError
 from .protocol import READING_KEYS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: repair journal (repair_jobs, repair_audit), docs/repair.md
 
 # A reading's quantities each get an INTEGER column (the protocol's READING_KEYS):
 # indexed queries, cheap export/plot, and no JSON to build per reading. Any other
@@ -94,6 +94,31 @@ CREATE TABLE IF NOT EXISTS nodes (
     first_seen REAL,
     last_seen  REAL
 );
+CREATE TABLE IF NOT EXISTS repair_jobs (      -- canopy repair's journal, docs/repair.md
+    id        INTEGER PRIMARY KEY,
+    created   REAL    NOT NULL,
+    updated   REAL    NOT NULL,
+    node      TEXT    NOT NULL,
+    action    TEXT    NOT NULL,   -- push_config | recalibrate | quarantine | release
+    target    TEXT    NOT NULL,   -- JSON: what the node must end up with
+    state     TEXT    NOT NULL,   -- PENDING STAGED ACTIVATED VERIFIED ROLLED_BACK SUPERSEDED FAILED
+    attempts  INTEGER NOT NULL DEFAULT 0,
+    next_try  REAL    NOT NULL DEFAULT 0,
+    reason    TEXT,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS repair_jobs_state ON repair_jobs (state, next_try);
+CREATE TABLE IF NOT EXISTS repair_audit (
+    id      INTEGER PRIMARY KEY,
+    time    REAL    NOT NULL,
+    node    TEXT    NOT NULL,
+    job     INTEGER,              -- repair_jobs.id (NULL for plan-level entries)
+    action  TEXT    NOT NULL,
+    event   TEXT    NOT NULL,     -- planned | state | retry | refused | skipped
+    state   TEXT,
+    detail  TEXT                  -- JSON object
+);
+CREATE INDEX IF NOT EXISTS repair_audit_node_time ON repair_audit (node, time);
 """
 
 EVENT_KINDS = (
