@@ -221,3 +221,48 @@ def test_tagged_frames_fit_250_bytes_and_parse_fast_path() -> None:
     frames = FrameParser().feed(full * 3)
     assert len(frames) == 3 and frames[0].tag and frames[0].fields["i_fan"] == 15
     assert hs.FrameVerifier({"n01": key}).verify(frames[0]) == "ok"
+
+
+_REAL_NODE = """
+from canopy import board, config, hal
+from canopy.link import from_flash
+from canopy.node import Node
+import main
+hw = hal.open(board.load("unix-sim"), {"node_id": "n07", "seed": 1, "speed": 0})
+node = Node(hw, config.merged(), boot_id=5)
+main.loop(node, from_flash(node, repair=False), 8000)
+"""
+
+
+def test_real_node_from_flash_is_strict_with_a_key_file(tmp_path: Path) -> None:
+    """The production path (Link built by canopy.link.from_flash) on the real Node."""
+    from canopy_host.unixport import run_code
+
+    key = hs.derive_node_key(MASTER, "n07")
+    (tmp_path / "canopy_key.json").write_text(hs.key_file_text(key, "n07"))
+    status = hs.tag_command(key, "n07", 1, "status", {})
+    forged = hs.tag_command(hs.derive_node_key(MASTER, "n08"), "n07", 2, "set", {"t_setpoint": 2000})
+    good = hs.tag_command(key, "n07", 3, "set", {"t_setpoint": 2400})
+    stdin = status + forged + status + good
+    proc = run_code(_REAL_NODE, stdin=stdin.decode(), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    p = FrameParser()
+    frames = p.feed(proc.stdout.encode())
+    answers = [(f.kind, f.fields.get("re"), f.fields.get("msg")) for f in frames if f.kind in ("reply", "error")]
+    assert answers == [("reply", 1, None), ("error", 2, "forged"), ("error", 1, "replay"), ("reply", 3, None)]
+    assert (tmp_path / "canopy_ctr").read_text() == "3"
+    ver = hs.FrameVerifier({"n07": key})
+    assert {ver.verify(f) for f in frames} == {"ok"} and len(frames) > 8
+    status_reply = next(f for f in frames if f.kind == "reply")
+    assert status_reply.fields["auth"] == "strict" and status_reply.fields["sec_rejects"] == 0
+
+
+def test_host_auth_commands_use_fresh_persisted_counters(tmp_path: Path) -> None:
+    from canopy_host.protocol import parse_line
+
+    a = hs.HostAuth(MASTER, tmp_path / "ctr.json")
+    l1 = parse_line(a.command("n01", "status").rstrip(b"\n"))
+    l2 = parse_line(hs.HostAuth(MASTER, tmp_path / "ctr.json").command("n02", "identify", {"seconds": 1}).rstrip(b"\n"))
+    assert (l1.seq, l2.seq) == (1, 2) and l1.tag and l2.tag
+    body = l2.raw[: l2.raw.rindex(b" !")]
+    assert bytes.fromhex(l2.tag) == hmac.new(hs.derive_node_key(MASTER, "n02"), body, hashlib.sha256).digest()[:16]

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "canopy_host.provision_cmd",
     "canopy_host.ports_cmd",
     "canopy_host.sim_cmd",
+    "canopy_host.mesh_cmd",
     "canopy_host.consensus_cmd",
 ]
 

@@ -172,6 +172,10 @@ class SimConfig:
     board: str = "unix-sim"
     heapsize: str | None = None
     fresh: bool = False
+    # Mesh between the nodes (UDP on loopback; canopy_host.mesh_sim, docs/mesh.md), None = off.
+    mesh: Any = None
+    # Mesh master key: each node gets canopy_key.json (strict). None = unauthenticated dev mode.
+    master_key: bytes | None = None
 
     def validate(self) -> None:
         if not 1 <= self.nodes <= 999:
@@ -188,6 +192,8 @@ class SimConfig:
         if self.heapsize and not re.fullmatch(r"\d+[kKmM]?", self.heapsize):
             raise CanopyError(f"--heapsize {self.heapsize!r} should look like 64k or 2M")
         ids = {node_id(i, self.nodes) for i in range(1, self.nodes + 1)}
+        if self.mesh is not None:
+            self.mesh.validate(sorted(ids))
         for f in self.faults:
             if f.node != "all" and f.node not in ids:
                 raise CanopyError(f"--fault names node {f.node!r}, but the nodes are {node_id(1, self.nodes)}..{node_id(self.nodes, self.nodes)}")
@@ -293,6 +299,8 @@ class VirtualNode:
             "boots": self.boots,
             "folder": str(self.folder),
             "board": self.sim.get("board"),
+            "auth": self.sim.get("auth", "strict"),
+            "mesh": self.sim.get("mesh"),
         }
 
     # -- relay thread ---------------------------------------------------------------------
@@ -624,6 +632,11 @@ class Supervisor:
     def _prepare_nodes(self) -> None:
         cfg = self.cfg
         cfg.directory.mkdir(parents=True, exist_ok=True)
+        from . import mesh_sim
+
+        ids = [node_id(i, cfg.nodes) for i in range(1, cfg.nodes + 1)]
+        meshes = (mesh_sim.mesh_sections(ids, cfg.mesh, {n: derived_seed(cfg.seed, "mesh", n) for n in ids})
+                  if cfg.mesh is not None else {})
         for i in range(1, cfg.nodes + 1):
             nid = node_id(i, cfg.nodes)
             zone = zone_name((i - 1) % cfg.zones)
@@ -643,6 +656,11 @@ class Supervisor:
                 "serial_number": usb_serial_number(nid),
                 "faults": [f.sim_json() for f in mine if f.kind in SENSOR_FAULTS],
             }
+            if mesh_sim.provision_virtual(folder, nid, cfg.master_key) == "dev":
+                sim["auth"] = "dev"  # no key: the node says UNAUTHENTICATED DEV MODE (docs/security.md)
+            if nid in meshes:
+                sim["mesh"] = meshes[nid]
+                mesh_sim.write_control(folder, down=None, blocked=None)  # a fresh start heals
             (folder / "sim.json").write_text(json.dumps(sim, indent=1) + "\n")
             self.nodes.append(VirtualNode(self, nid, zone, folder, sim,
                                           [f for f in mine if f.kind in SERIAL_FAULTS]))

@@ -57,6 +57,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heapsize", metavar="SIZE", default=None, help="MicroPython heap per node, e.g. 128k (default: unix-port default)")
     p.add_argument("--fresh", action="store_true", help="wipe the node folders first (a factory-new flash)")
     p.add_argument("--json", action="store_true", help="print the state as JSON instead of a table")
+    m = p.add_argument_group("mesh and security (docs/mesh.md, docs/security.md)")
+    m.add_argument("--mesh", metavar="TOPOLOGY", choices=("line", "ring", "full"), default=None,
+                   help="connect the nodes by a simulated ESP-NOW mesh: line, ring or full (default: no mesh)")
+    m.add_argument("--gateway", metavar="NODE", default=None, help="the node wired to the host (default: the first)")
+    m.add_argument("--mesh-loss", type=float, metavar="P", default=0.0, help="drop each radio packet with probability P")
+    m.add_argument("--mesh-delay-ms", type=int, metavar="MS", default=0, help="radio delay in simulated ms")
+    m.add_argument("--mesh-ttl", type=int, metavar="N", default=4, help="hops a frame may travel (default 4)")
+    m.add_argument("--mesh-port", type=int, metavar="PORT", default=0, help="first UDP port (default: free ports)")
+    m.add_argument("--master-key", metavar="FILE", default=None,
+                   help="mesh master key (64 hex digits): every node gets its derived key and runs strict; "
+                        "without it the nodes run in UNAUTHENTICATED DEV MODE")
     p.set_defaults(func=run)
 
 
@@ -72,6 +83,15 @@ def run(args: argparse.Namespace) -> int:
         faults=[parse_fault(f) for f in args.fault], directory=Path(args.dir),
         state_file=Path(args.state) if args.state else None, heapsize=args.heapsize, fresh=args.fresh,
     )
+    if args.mesh is not None:
+        from .mesh_sim import MeshSpec
+
+        cfg.mesh = MeshSpec(args.mesh, args.mesh_loss, args.mesh_delay_ms, args.mesh_ttl, args.gateway,
+                            args.mesh_port)
+    if args.master_key is not None:
+        from .security import load_master_key
+
+        cfg.master_key = load_master_key(Path(args.master_key))
 
     def say(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -88,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{len(sup.nodes)} virtual node(s), seed {cfg.seed}, speed {cfg.speed:g}x, weather {cfg.weather}")
             for n in sup.nodes:
                 print(f"  {n.node_id}  zone {n.zone}  {n.port}  serial {n.serial_number}  pid {n.pid}  {n.folder}")
+            if cfg.master_key is None:
+                print("auth: UNAUTHENTICATED DEV MODE (no --master-key): commands are not checked")
+            if cfg.mesh is not None:
+                gw = [n.node_id for n in sup.nodes if (n.sim.get("mesh") or {}).get("gateway")]
+                print(f"mesh: {cfg.mesh.topology}, gateway {', '.join(gw)}, loss {cfg.mesh.loss:g}, "
+                      f"ttl {cfg.mesh.ttl}; `canopy mesh` partitions or silences nodes")
             print(f"state file: {cfg.state_path}")
             print("Ctrl-C stops all nodes." if args.duration is None else f"Stopping after {args.duration:g} s.",
                   flush=True)

@@ -47,6 +47,7 @@ class UdpRadio:
         self.clock = clock
         self.control = control
         self._control_stamp = None
+        self._control_read = 0
         self._queue = []  # (due_ms, data, src) while delay_ms > 0
         self.src = None
         self.lost = 0
@@ -68,9 +69,13 @@ class UdpRadio:
             stamp = (st[6], st[8])  # size, mtime
         except OSError:
             return
-        if stamp == self._control_stamp:
+        now = self._now()
+        # mtime has 1 s resolution: a same-size rewrite within that second is caught
+        # by re-reading at least once per simulated second
+        if stamp == self._control_stamp and now - self._control_read < 1000:
             return
         self._control_stamp = stamp
+        self._control_read = now
         try:
             with open(self.control) as f:
                 c = json.loads(f.read())
