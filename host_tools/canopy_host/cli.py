@@ -27,6 +27,8 @@ COMMAND_MODULES = [
     "canopy_host.sim_cmd",
     "canopy_host.mesh_cmd",
     "canopy_host.consensus_cmd",
+    "canopy_host.repair_cmd",
+    "canopy_host.audit_cmd",
 ]
 
 

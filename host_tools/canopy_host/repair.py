@@ -111,24 +111,45 @@ def config_chunks(data: bytes) -> list[dict[str, object]]:
 class SerialClient:
     """Talks to nodes over their serial ports (physical, pty, sim:NODE, socket://)."""
 
-    def __init__(self, ports: Mapping[str, str], *, timeout: float = 3.0) -> None:
+    def __init__(self, ports: Mapping[str, str], *, timeout: float = 3.0, state_file: str | None = None) -> None:
         self.ports = dict(ports)
+        self.state_file = state_file  # for sim:NODE ports (re-resolved at every open)
         self.timeout = timeout
         self._counter = int(time.time() * 1000) % 10**9  # increasing across runs
+        self._open: dict[str, Any] = {}
+
+    def _port(self, node: str) -> Any:
+        from .transport import open_port, resolve_port
+
+        port = self._open.get(node)
+        if port is None:
+            try:
+                port = open_port(resolve_port(self.ports[node], self.state_file), timeout=0.05)
+            except KeyError:
+                raise NodeOffline(f"{node}: no port known (give --port {node}=PORT or --sim-state)") from None
+            except CanopyError as exc:
+                raise NodeOffline(str(exc)) from None
+            self._open[node] = port
+        return port
+
+    def close(self) -> None:
+        for port in self._open.values():
+            try:
+                port.close()
+            except OSError:
+                pass
+        self._open.clear()
 
     def request(self, node: str, cmd: str, args: Mapping[str, object]) -> dict[str, Any]:
         from .protocol import FrameParser
-        from .transport import open_port, resolve_port
 
         self._counter += 1
         counter = self._counter
         line = encode_repair_command(node, counter, cmd, args)
-        try:
-            port = open_port(resolve_port(self.ports[node]), timeout=0.05)
-        except (CanopyError, KeyError) as exc:
-            raise NodeOffline(str(exc)) from None
+        port = self._port(node)
         parser = FrameParser()
         try:
+            port.reset_input_buffer()  # old readings are of no interest here
             port.write(line)
             end = time.monotonic() + self.timeout
             while time.monotonic() < end:
@@ -139,10 +160,13 @@ class SerialClient:
                         return dict(f.fields)
                     if f.kind == "error":
                         raise NodeRefused(node, str(f.fields.get("err")), str(f.fields.get("msg", "")))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # unplugged mid-request, port closed under us
+            self._open.pop(node, None)
+            try:
+                port.close()
+            except OSError:
+                pass
             raise NodeOffline(f"{node}: {exc}") from None
-        finally:
-            port.close()
         raise NodeOffline(f"{node}: no answer to {cmd} within {self.timeout} s")
 
 

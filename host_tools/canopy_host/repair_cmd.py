@@ -1,0 +1,148 @@
+"""`canopy repair`: bring every node to its desired state (shadow + consensus findings), journaled."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import CanopyError
+
+DEFAULT_DB = "canopy-monitor.db"
+
+EPILOG = """\
+examples:
+  canopy repair --shadow var/shadow.json --sim-state var/sim/state.json --dry-run
+  canopy repair --shadow var/shadow.json --port n01=/dev/ttyUSB0 --port n02=/dev/ttyUSB1
+  canopy consensus --db canopy-monitor.db > verdicts.jsonl
+  canopy repair --shadow var/shadow.json --findings verdicts.jsonl --sim-state var/sim/state.json
+
+The plan: push the desired config to nodes whose digest differs (stale or tampered),
+set calibration offsets, quarantine or release nodes (consensus findings; never from a
+NO_QUORUM verdict). Every step is journaled in the --db file; running the command again
+resumes unfinished jobs (offline nodes are retried with backoff until --deadline).
+`canopy audit` shows the log. Exit status: 0 all verified, 1 some job failed or was
+rolled back by its node, 3 some job still waits (node offline).
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "repair", help="push configs, recalibrate, quarantine/release nodes (journaled, resumable)",
+        description="Safe, journaled mesh repair from the desired-state shadow and consensus findings.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shadow", default="var/shadow.json", metavar="FILE",
+                   help="desired state per node (default var/shadow.json; format in docs/repair.md)")
+    p.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"journal/store file (default {DEFAULT_DB})")
+    p.add_argument("--port", action="append", default=[], metavar="NODE=PORT",
+                   help="serial port of a node (repeatable); PORT may be sim:NODE or socket://")
+    p.add_argument("--sim-state", metavar="FILE", help="reach virtual nodes through this `canopy sim` state file")
+    p.add_argument("--findings", metavar="FILE",
+                   help="consensus output (JSON lines; `-` = stdin): verdicts with per-node faults, or findings")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; send and journal nothing")
+    p.add_argument("--deadline", type=float, default=120.0, metavar="S",
+                   help="stop retrying offline nodes after S seconds (default 120); jobs stay journaled")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="S", help="answer timeout per command (default 3)")
+    p.add_argument("--json", action="store_true", help="print the plan / result as JSON")
+    p.set_defaults(func=run)
+
+
+def parse_ports(specs: list[str], sim_state: str | None, nodes: list[str]) -> dict[str, str]:
+    ports: dict[str, str] = {}
+    if sim_state:
+        from .transport import load_sim_state
+
+        for n in load_sim_state(sim_state)["nodes"]:
+            if isinstance(n, dict) and n.get("node_id"):
+                ports[str(n["node_id"])] = f"sim:{n['node_id']}"
+    for spec in specs:
+        node, sep, port = spec.partition("=")
+        if not sep or not node or not port:
+            raise CanopyError(f"--port {spec!r}: expected NODE=PORT, e.g. n01=/dev/ttyUSB0")
+        ports[node] = port
+    return ports
+
+
+def read_findings(path: str) -> list[dict[str, Any]]:
+    """Findings from consensus output: verdict lines with a `faults` map, or finding lines."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise CanopyError(f"cannot read findings {path!r}: {exc}") from None
+    out: list[dict[str, Any]] = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise CanopyError(f"{path}:{i}: not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise CanopyError(f"{path}:{i}: expected a JSON object")
+        faults = obj.get("faults")
+        if isinstance(faults, dict):
+            verdict_ok = obj.get("status", "OK") == "OK"
+            for node, f in faults.items():
+                if isinstance(f, dict):
+                    out.append({"node": node, "actionable": bool(f.get("actionable", verdict_ok)) and verdict_ok,
+                                "action": dict(f.get("action") or {}, quantity=(f.get("action") or {}).get(
+                                    "quantity", obj.get("quantity")))})
+        elif "node" in obj and "action" in obj:
+            out.append(obj)
+        else:
+            raise CanopyError(f"{path}:{i}: neither a verdict with `faults` nor a finding with node/action")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from .repair import Journal, NodeOffline, NodeRefused, RepairEngine, SerialClient, plan, status, summary_lines
+    from .shadow import load_shadow
+
+    shadow = load_shadow(args.shadow)
+    findings = read_findings(args.findings) if args.findings else []
+    ports = parse_ports(args.port, args.sim_state, shadow.node_ids())
+    client = SerialClient(ports, timeout=args.timeout, state_file=args.sim_state)
+    try:
+        actual = {}
+        for node in shadow.node_ids():
+            try:
+                actual[node] = status(client, node)
+            except (NodeOffline, NodeRefused) as exc:
+                print(f"canopy repair: {node}: no status ({exc}); its steps wait for it", file=sys.stderr)
+                actual[node] = None
+        p = plan(shadow, actual, findings)
+        if args.json:
+            print(json.dumps({"dry_run": args.dry_run,
+                              "steps": [{"node": s.node, "action": s.action, "target": s.target, "reason": s.reason}
+                                        for s in p.steps],
+                              "skipped": [{"node": n, "why": w} for n, w in p.skipped]}))
+        else:
+            for line in summary_lines(p):
+                print(line)
+        if args.dry_run:
+            if not args.json:
+                print("dry run: nothing sent, nothing journaled")
+            return 0
+        journal = Journal(args.db)
+        try:
+            engine = RepairEngine(journal, client, shadow)
+            engine.submit(p)
+            shadow.save()  # findings folded into the desired state stay there
+            engine.run(deadline_s=args.deadline)
+            jobs = journal.jobs()
+        finally:
+            journal.close()
+    finally:
+        client.close()
+    states = {j.state for j in jobs}
+    for j in jobs:
+        if not args.json:
+            extra = f" ({j.last_error})" if j.last_error else ""
+            print(f"job {j.id} {j.node} {j.action} {json.dumps(j.target, sort_keys=True)}: {j.state}{extra}")
+    if states & {"FAILED", "ROLLED_BACK"}:
+        return 1
+    if states & {"PENDING", "STAGED", "ACTIVATED"}:
+        return 3
+    return 0
