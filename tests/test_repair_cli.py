@@ -75,6 +75,19 @@ def test_repair_dry_run_then_repair_then_audit(tmp_path, sim):
     assert canopy("audit", "--db", str(db), "--since", "1d").stdout.count("n01") >= 4
     assert "no audit entries" in canopy("audit", "--db", str(db), "--until", "1d").stdout
 
+    # `canopy monitor --repair`: record a few seconds, then repair the nodes it saw (v3)
+    shadow.write_text(json.dumps({"config": {"version": 3, "t_setpoint": 2400},
+                                  "nodes": {"n01": {}, "n02": {"quarantine": False}}}))
+    r = canopy("monitor", "--sim-state", str(sim), "--db", str(db), "--json", "--duration", "2",
+               "--repair", str(shadow))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count(": VERIFIED") >= 3
+    want = dict(firmware_config().DEFAULT_CONFIG, version=3, t_setpoint=2400)
+    for n in ("n01", "n02"):
+        got = json.loads((tmp_path / "sim" / n / "config.json").read_text())
+        assert canonical_digest(got) == canonical_digest(want)
+    assert not (tmp_path / "sim" / "n02" / "quarantine").exists()
+
 
 def test_cli_errors_are_one_clear_line(tmp_path):
     bad = tmp_path / "shadow.json"

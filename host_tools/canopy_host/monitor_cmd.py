@@ -50,6 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--commit-interval", type=float, default=0.2, metavar="S",
                    help="commit received frames at least every S seconds (default 0.2); larger = fewer "
                         "disk writes; Ctrl-C and exit always commit everything")
+    p.add_argument("--repair", metavar="SHADOW",
+                   help="when the session ends, run `canopy repair` with this shadow file on the nodes seen "
+                        "(journal in --db; see docs/repair.md)")
     p.set_defaults(func=run)
 
 
@@ -227,4 +230,9 @@ def run(args: argparse.Namespace) -> int:
     _print_summary(collector.summary(), args.db, sys.stderr if args.json else sys.stdout)
     if store.error is not None:
         raise CanopyError(f"writing {args.db!r} failed: {store.error}")
+    if getattr(args, "repair", None):
+        from .repair_cmd import after_monitor
+
+        seen = {p["node"]: path for path, p in collector.summary()["ports"].items() if p["node"]}
+        return after_monitor(args, seen)
     return 0

@@ -97,12 +97,30 @@ def read_findings(path: str) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .repair import Journal, NodeOffline, NodeRefused, RepairEngine, SerialClient, plan, status, summary_lines
     from .shadow import load_shadow
 
     shadow = load_shadow(args.shadow)
     findings = read_findings(args.findings) if args.findings else []
     ports = parse_ports(args.port, args.sim_state, shadow.node_ids())
+    return execute(args, shadow, ports, findings)
+
+
+def after_monitor(args: argparse.Namespace, seen: dict[str, str]) -> int:
+    """`canopy monitor --repair SHADOW`: once the monitor has let go of the ports, repair
+    the nodes it saw (node -> port) and journal into the monitor's --db."""
+    from .shadow import load_shadow
+
+    shadow = load_shadow(args.repair)
+    ports = {n: (f"sim:{n}" if args.sim_state else p) for n, p in seen.items()}
+    ns = argparse.Namespace(shadow=args.repair, db=args.db, dry_run=False, deadline=60.0, timeout=3.0,
+                            json=False, sim_state=args.sim_state)
+    print(f"canopy monitor: repairing against {args.repair} ...", file=sys.stderr)
+    return execute(ns, shadow, ports, [])
+
+
+def execute(args: argparse.Namespace, shadow: Any, ports: dict[str, str], findings: list[dict[str, Any]]) -> int:
+    from .repair import Journal, NodeOffline, NodeRefused, RepairEngine, SerialClient, plan, status, summary_lines
+
     client = SerialClient(ports, timeout=args.timeout, state_file=args.sim_state)
     try:
         actual = {}
