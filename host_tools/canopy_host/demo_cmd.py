@@ -1,64 +1,76 @@
-"""`canopy demo`: watch a canopy node keep its microclimate on target, with no hardware.
+"""`canopy demo`: a mesh of virtual canopy nodes, watched live, with no hardware.
 
-Runs the real node firmware (`firmware/main.py`) in the MicroPython unix port as a
-virtual node: a simulated BME280 on a simulated I2C bus, simulated shade servo, mist
-valve and fan, and a small physical model of the air under the umbrella, all on a
-simulated clock that runs much faster than real time. Prints the node's readings as
-they arrive, then a summary.
+Starts a handful of virtual nodes (the real firmware in the MicroPython unix port,
+`canopy_host.sim`) spread over zones that share a microclimate, follows them with the
+monitor (`canopy_host.monitor`, the same collector `canopy monitor` uses) on a live
+dashboard, stores every frame in a SQLite file under ./var/demo/, and ends with a
+summary: frames, gaps, reboots and CRC errors per node, sensor faults and failsafe
+events, each zone's temperature and humidity against its setpoint, and the zone
+consensus' verdict on every node. By default one node's sensor is sabotaged (a slow
+drift) and another node is briefly unplugged, so the summary has something to detect.
+
+    canopy demo                                  # 6 nodes, 2 zones, ~20 s
+    canopy demo --single                         # the one-node text demo
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from .errors import CanopyError
-from .paths import FIRMWARE_DIR
+from .paths import FIRMWARE_DIR, micropython_command
 from .unixport import micropython_env
-from .paths import micropython_command
 
-FAULTS = {
-    # demo name -> sim.json fault kind
-    "stuck": "stuck",
-    "disconnect": "sensor_off",
-    "spike": "spike",
-    "drift": "drift",
-}
-WEATHER = ("mild", "hot", "humid", "cool")
-TARGET_WALL_S = 8.0  # --speed auto aims the whole run at about this much wall time
-ROWS = 30  # readings shown; events are always shown
-BAND_C = 0.5  # "on target" band for the summary
+DEFAULT_DURATION_S = 20.0  # wall seconds
+DEFAULT_SPEED = 60.0  # simulated seconds per wall second: 20 s of wall time = 20 simulated minutes
+DEFAULT_NODES = 6
+DEFAULT_ZONES = 2
+PLAIN_EVERY_S = 2.0  # status line period when stdout is not a terminal
+CONSENSUS_WINDOW_S = 60.0  # simulated seconds per consensus window
+SABOTAGE_DRIFT_C = 8.0  # how far the sabotaged sensor has drifted by the end of the run
+# Link events worth a line of their own in the plain output.
+LOUD_EVENTS = ("fault", "failsafe", "recovered", "boot")
 
-EXAMPLES = """\
+MESH_EXAMPLES = """\
 examples:
-  canopy demo                          30 simulated minutes of a mild afternoon, ~8 s
-  canopy demo --weather hot            too hot for shade alone: watch the mist kick in
-  canopy demo --fault disconnect       unplug the sensor mid-run: failsafe, then recovery
-  canopy demo --fault stuck --minutes 60
-  canopy demo --speed 1 --minutes 2    real time, like a node on your desk
+  canopy demo                              6 nodes in 2 zones for ~20 s: n05's sensor drifts,
+                                           n02 is unplugged, n04 loses its sensor for a while
+  canopy demo --nodes 9 --zones 3 --duration 40
+  canopy demo --fault n01:stuck@300 --fault n04:reboot@600
+                                           your own faults instead of the default ones
+  canopy demo --no-faults --weather humid  a quiet run
+  canopy demo --plain > demo.log           status lines instead of the live table
+  canopy demo --single --fault disconnect  the one-node text demo (old behaviour)
 
-columns: time is simulated (mm:ss since boot); T/H show the conditioned value and
-(in brackets) the raw sensor reading; shade/mist/fan are actuator commands in %.
-faults: 1 = sensor missing, 2 = stuck, 4 = out of range. FS = failsafe (shade to its
-safe position, mist off) until the sensor is healthy again.
+--fault NODE:KIND[=VALUE][@T][/DURATION] is passed to `canopy sim` (see its --help);
+T and DURATION are simulated seconds. Without --fault the demo picks two faults that
+scale with the run: a drifting sensor in zone A (the consensus should single it out as
+a falseticker) and a short unplug in zone B (the monitor shows the gap and reconnects).
+Everything is stored in the SQLite file printed at the start; the summary ends with
+the commands that explore it (canopy export, canopy plot, canopy consensus).
+
+--single runs one node in a plain text log instead (options --minutes, --every and a
+--fault of: stuck, disconnect, spike, drift). Its columns: time is simulated (mm:ss
+since boot); T/H show the conditioned value and (in brackets) the raw sensor reading;
+shade/mist/fan are actuator commands in %. faults: 1 = sensor missing, 2 = stuck,
+4 = out of range. FS = failsafe (shade to its safe position, mist off) until the
+sensor is healthy again.
 """
-
-_READING = re.compile(
-    r"^R t=(?P<t>\d+)s T=(?P<T>-?[\d.]+)C \(raw (?P<Traw>-?[\d.]+)\) P=(?P<P>-?\d+)Pa "
-    r"\(raw (?P<Praw>-?\d+)\) H=(?P<H>-?[\d.]+)% \(raw (?P<Hraw>-?[\d.]+)\) "
-    r"shade=(?P<shade>[\d.]+)% mist=(?P<mist>[\d.]+)% fan=(?P<fan>[\d.]+)% "
-    r"faults=(?P<faults>\d+) failsafe=(?P<failsafe>\d)"
-)
-_EVENT = re.compile(r"^E t=(?P<t>\d+)s event=(?P<code>\w+) arg=(?P<arg>-?\d+)")
-_SETPOINT = re.compile(r"T=(?P<t>-?[\d.]+)C")
 
 
 def _positive_float(text: str) -> float:
@@ -71,6 +83,16 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _duration(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(v) and 0 < v <= 24 * 3600):
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 86400 seconds")
+    return v
+
+
 def _speed(text: str) -> float | None:
     if text == "auto":
         return None
@@ -78,8 +100,8 @@ def _speed(text: str) -> float | None:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'auto'") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError("must be >= 0 (0 = as fast as possible)")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (0 = as fast as possible, --single only)")
     return v
 
 
@@ -93,28 +115,514 @@ def _seed(text: str) -> int:
     return v
 
 
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return v
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run a virtual canopy node and show its readings (no hardware)",
+        help="virtual nodes in zones, monitored live, with a summary (no hardware)",
         description=__doc__.split("\n\n")[1],
-        epilog=EXAMPLES,
+        epilog=MESH_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--minutes", type=_positive_float, default=30.0,
-                   help="simulated minutes to run (default 30)")
-    p.add_argument("--speed", type=_speed, default=None, metavar="X|auto",
-                   help="simulated seconds per wall second; 0 = as fast as possible; "
-                        f"auto (default) finishes in about {TARGET_WALL_S:.0f} s")
-    p.add_argument("--seed", type=_seed, default=1,
-                   help="seed of this node's site and the zone's weather (default 1)")
-    p.add_argument("--weather", choices=WEATHER, default="mild",
-                   help="weather of the zone (default mild)")
-    p.add_argument("--fault", choices=sorted(FAULTS),
-                   help="inject a sensor fault a third of the way in, lasting a quarter of the run")
-    p.add_argument("--every", type=int, default=0, metavar="N",
-                   help=f"show every N-th reading (default: about {ROWS} rows)")
+    p.add_argument("--duration", type=_duration, default=None, metavar="S",
+                   help=f"wall seconds to run (default {DEFAULT_DURATION_S:g})")
+    p.add_argument("--nodes", type=_count, default=None, metavar="N",
+                   help=f"virtual nodes (default {DEFAULT_NODES})")
+    p.add_argument("--zones", type=_count, default=None, metavar="Z",
+                   help=f"zones the nodes are spread over, round robin (default {DEFAULT_ZONES})")
+    p.add_argument("--speed", type=_speed, default=None, metavar="X",
+                   help=f"simulated seconds per wall second (default {DEFAULT_SPEED:g}; "
+                        "--single: 'auto' or 0 = as fast as possible)")
+    p.add_argument("--seed", type=_seed, default=1, help="run seed: sites, weather, sensor noise (default 1)")
+    p.add_argument("--weather", choices=WEATHER, default=None,
+                   help="weather of the zones (default mild)")
+    p.add_argument("--fault", action="append", default=[], metavar="NODE:KIND[=V][@T][/D]",
+                   help="inject a fault (repeatable; replaces the default faults); "
+                        "--single: one of " + ", ".join(sorted(FAULTS)))
+    p.add_argument("--no-faults", action="store_true", help="no default faults: a quiet run")
+    p.add_argument("--dir", default="var/demo", metavar="DIR",
+                   help="folder for the database and the virtual nodes' flash (default var/demo)")
+    p.add_argument("--db", default=None, metavar="FILE",
+                   help="SQLite file to write (default DIR/demo-<UTC time>.db)")
+    p.add_argument("--plain", action="store_true",
+                   help="periodic status lines instead of the live table (automatic when not a terminal)")
+    p.add_argument("--single", action="store_true", help="one node, readings as a text log (the old demo)")
+    p.add_argument("--minutes", type=_positive_float, default=None,
+                   help="--single: simulated minutes to run (default 30)")
+    p.add_argument("--every", type=int, default=None, metavar="N",
+                   help="--single: show every N-th reading (default: about 30 rows)")
     p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.single:
+        wrong = [o for o, v in (("--duration", args.duration), ("--nodes", args.nodes), ("--zones", args.zones),
+                                ("--db", args.db), ("--no-faults", args.no_faults or None)) if v is not None]
+        if wrong:
+            raise CanopyError(f"{', '.join(wrong)}: not with --single (it runs one node for --minutes)")
+        if len(args.fault) > 1:
+            raise CanopyError("--single takes at most one --fault")
+        if args.fault and args.fault[0] not in FAULTS:
+            raise CanopyError(f"--single --fault {args.fault[0]!r}: invalid choice (one of {', '.join(sorted(FAULTS))})")
+        args.fault = args.fault[0] if args.fault else None
+        args.minutes = 30.0 if args.minutes is None else args.minutes
+        args.every = 0 if args.every is None else args.every
+        args.weather = args.weather or "mild"
+        return run_single(args)
+    wrong = [o for o, v in (("--minutes", args.minutes), ("--every", args.every)) if v is not None]
+    if wrong:
+        raise CanopyError(f"{', '.join(wrong)}: only with --single (the mesh demo runs for --duration wall seconds)")
+    return run_mesh(args)
+
+
+# -- the mesh demo ------------------------------------------------------------------------
+
+
+def zone_members(nodes: int, zones: int) -> dict[str, list[str]]:
+    """zone -> node ids, the round robin `canopy sim` uses (n01 -> A, n02 -> B, ...)."""
+    from .sim import node_id, zone_name
+
+    out: dict[str, list[str]] = {}
+    for i in range(1, nodes + 1):
+        out.setdefault(zone_name((i - 1) % zones), []).append(node_id(i, nodes))
+    return out
+
+
+@dataclass
+class Injected:
+    text: str
+    role: str  # what the summary calls it
+
+
+def default_faults(nodes: int, zones: int, sim_s: float) -> list[Injected]:
+    """The default demo's faults, scaled to the run so every --duration/--speed shows them.
+
+    A sensor in zone A drifts slowly from 15 % of the run to SABOTAGE_DRIFT_C by its end:
+    the node itself sees nothing wrong (the reading stays plausible, and its control
+    loop even holds the WRONG value on target), only a comparison with its neighbours
+    can tell. The last node of zone A is picked so that with >= 3 nodes there the
+    consensus has a majority to single it out. A node of another zone is unplugged for
+    8 % of the run around the middle: the monitor must record the missing frames and
+    reconnect. A third node loses its sensor for 5 % of the run: failsafe, recovery."""
+    members = zone_members(nodes, zones)
+    out: list[Injected] = []
+    zone_a = members["A"]
+    sabotaged = zone_a[-1]
+    start = 0.15 * sim_s
+    rate = SABOTAGE_DRIFT_C / max(sim_s - start, 1.0)
+    role = "sabotaged sensor (slow drift)"
+    if len(zone_a) < 3:
+        role += "; zone A has fewer than 3 nodes, so no majority can single it out"
+    out.append(Injected(f"{sabotaged}:drift={rate:.4g}@{start:.0f}", role))
+    # Other zones first: zone A's remaining nodes are the majority that outvotes the drift.
+    others = [n for _, ids in sorted(members.items(), key=lambda kv: kv[0] == "A") for n in ids if n != sabotaged]
+    if others:
+        out.append(Injected(f"{others[0]}:disconnect@{0.45 * sim_s:.0f}/{max(1.0, 0.08 * sim_s):.0f}",
+                            "unplugged cable"))
+    if len(others) > 1:
+        # The node's own health check catches this one: failsafe, then recovery.
+        out.append(Injected(f"{others[1]}:sensor_off@{0.65 * sim_s:.0f}/{max(1.0, 0.05 * sim_s):.0f}",
+                            "sensor unplugged from the I2C bus"))
+    return out
+
+
+def read_setpoints() -> dict[str, float]:
+    """The firmware's default setpoints (°C, %RH), asked from the firmware itself."""
+    from .unixport import run_code
+
+    code = ("from canopy.config import DEFAULT_CONFIG as c\n"
+            "print(c['t_setpoint'], c['mist_t_setpoint'], c['h_setpoint'])")
+    try:
+        proc = run_code(code, timeout=20)
+        t, mist, h = (int(x) for x in proc.stdout.split())
+    except Exception:  # the summary then shows values without a setpoint
+        return {}
+    return {"t": t / 100, "mist_t": mist / 100, "h": h / 1024}
+
+
+def _sim_clock(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 60:02d}:{s % 60:02d}" if s < 3600 else f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _status_line(collector: Any, elapsed: float, speed: float) -> str:
+    nodes, _ = collector.snapshot()
+    parts = []
+    for n in nodes:
+        r = n.last_reading
+        if not n.connected:
+            state = "DOWN"
+        elif not r:
+            state = "..."
+        elif r.get("failsafe"):
+            state = f"FAILSAFE {r.get('faults', 0)}"
+        else:
+            state = f"{r.get('t', 0) / 100:.1f}C {r.get('h', 0) / 1024:.0f}%" + (f" f{r['faults']}" if r.get("faults") else "")
+        parts.append(f"{n.node}{'/' + n.zone if n.zone else ''} {state}")
+    return f"[{elapsed:5.1f} s, sim {_sim_clock(elapsed * speed)}] " + " | ".join(parts)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_mesh(args: argparse.Namespace) -> int:
+    from .monitor import Collector, PortReader, sim_specs
+    from .sim import SimConfig, Supervisor, parse_fault
+    from .store import Store
+
+    speed = DEFAULT_SPEED if args.speed is None else args.speed
+    if not speed > 0:
+        raise CanopyError("--speed must be more than 0 for the mesh demo (0 = as fast as possible is --single only)")
+    duration = args.duration or DEFAULT_DURATION_S
+    nodes = args.nodes or DEFAULT_NODES
+    zones = args.zones or DEFAULT_ZONES
+    if nodes > 50:
+        raise CanopyError("--nodes: at most 50 in the demo (each node is a process); `canopy sim` runs more")
+    if zones > nodes:
+        raise CanopyError(f"--zones {zones} is more than --nodes {nodes}: every zone needs a node")
+    if args.fault and args.no_faults:
+        raise CanopyError("--fault and --no-faults contradict each other")
+    sim_s = duration * speed
+    if args.fault:
+        injected = [Injected(t, "") for t in args.fault]
+    elif args.no_faults:
+        injected = []
+    else:
+        injected = default_faults(nodes, zones, sim_s)
+    faults = [parse_fault(f.text) for f in injected]
+    directory = Path(args.dir)
+    db = Path(args.db) if args.db else directory / f"demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.db"
+    if db.exists():
+        raise CanopyError(f"{str(db)!r} already exists; name a new --db (the demo does not mix runs)")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CanopyError(f"cannot create {str(db.parent)!r}: {exc.strerror}") from None
+    cfg = SimConfig(nodes=nodes, zones=zones, seed=args.seed, speed=speed, weather=args.weather or "mild",
+                    faults=faults, directory=directory / "sim", fresh=True)
+    notes: list[str] = []  # supervisor messages, appended from relay threads
+    sup = Supervisor(cfg, on_message=notes.append)  # validates cfg
+    setpoints = read_setpoints()
+    live = not args.plain and sys.stdout.isatty()
+
+    print(f"canopy demo: {nodes} virtual nodes in {zones} zone(s), {cfg.weather} weather, seed {args.seed}, "
+          f"{duration:g} s at {speed:g}x ({_sim_clock(sim_s)} simulated)")
+    for f in injected:
+        print(f"  fault: {f.text}" + (f"  ({f.role})" if f.role else ""))
+    print(f"  database: {db}", flush=True)
+
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    store = Store(db)
+    collector = Collector(store)
+    readers: list[Any] = []
+    dash = None
+    interrupted = False
+    t0 = time.time()
+    broken = False
+    try:
+        sup.start()
+        t0 = time.time()
+        for spec in sim_specs(cfg.state_path):
+            readers.append(PortReader(collector.add_port(spec), collector))
+        for r in readers:
+            r.start()
+        if live:
+            from .dashboard import Dashboard
+
+            dash = Dashboard(collector, title=f"canopy demo ({speed:g}x)")
+            dash.__enter__()
+        deadline = time.monotonic() + duration
+        next_line = time.monotonic() + PLAIN_EVERY_S
+        shown = 0
+        while (now := time.monotonic()) < deadline:
+            while shown < len(notes):
+                note = notes[shown]
+                shown += 1
+                if dash is not None:
+                    collector.messages.append(note)
+                else:
+                    print(f"  {note}", flush=True)
+            if dash is not None:
+                dash.refresh()
+            elif now >= next_line:
+                next_line += PLAIN_EVERY_S
+                print(_status_line(collector, time.time() - t0, speed), flush=True)
+            time.sleep(max(0.0, min(0.25, deadline - time.monotonic())))
+    except KeyboardInterrupt:
+        interrupted = True
+    except BrokenPipeError:
+        # `canopy demo | head`: nobody reads any more; stop as cleanly as on Ctrl-C.
+        broken = True
+    finally:
+        # A second Ctrl-C must not abort the shutdown: nodes left running or an unflushed store.
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for r in readers:
+                r.stop()
+            for r in readers:
+                r.join(timeout=5)
+            if dash is not None:
+                try:
+                    dash.__exit__(None, None, None)
+                except Exception:
+                    pass
+            sup.stop()
+            store.close()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    wall = time.time() - t0
+    if broken:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if store.error is not None:
+        raise CanopyError(f"writing {str(db)!r} failed: {store.error}")
+    report = build_report(db, collector.summary(), t0=t0, speed=speed, members=zone_members(nodes, zones))
+    print()
+    if interrupted:
+        print(f"interrupted after {wall:.1f} s: nodes stopped, everything received is in the database")
+    for line in format_report(report, db=db, wall=wall, speed=speed, setpoints=setpoints, injected=injected):
+        print(line)
+    return 130 if interrupted else 0
+
+
+# -- the summary ------------------------------------------------------------------------
+
+
+@dataclass
+class NodeReport:
+    node: str
+    zone: str
+    frames: int = 0  # received by the monitor
+    stored: int = 0  # rows in the database
+    readings: int = 0
+    gaps: int = 0
+    missing: int = 0
+    reboots: int = 0
+    crc_errors: int = 0
+    disconnects: int = 0
+    fault_events: int = 0
+    failsafe_events: int = 0
+    recovered_events: int = 0
+    last_t: float | None = None
+    last_h: float | None = None
+    falseticker_windows: int = 0
+    judged_windows: int = 0
+    first_flagged: float | None = None  # simulated seconds since the start
+    first_alarm: float | None = None  # first temperature fault class other than ok
+    classes: Counter[str] = field(default_factory=Counter)
+    actions: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class Report:
+    nodes: dict[str, NodeReport]
+    zone_windows: dict[str, int]
+    zone_no_quorum: dict[str, int]
+    sim_s: float
+    # zone -> quantity -> the last OK verdict (value, truechimers, falsetickers, window_start)
+    zone_last: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+
+def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
+                 members: dict[str, list[str]]) -> Report:
+    """Everything the summary says, from the monitor's counters and the database it wrote."""
+    from .consensus_cmd import STORE_SCALE, parse_allowances, verdicts
+    from .consensus import Reading
+    from .store import decode_fields, iter_frames
+
+    zone_of = {n: z for z, ids in members.items() for n in ids}
+    nodes = {n: NodeReport(n, z) for n, z in sorted(zone_of.items())}
+    for name, s in summary["nodes"].items():
+        r = nodes.setdefault(name, NodeReport(name, "?"))
+        r.frames, r.readings, r.gaps, r.missing = s["frames"], s["readings"], s["gaps"], s["missing"]
+        r.reboots, r.crc_errors, r.disconnects = s["reboots"], s["crc_errors"], s["disconnects"]
+    items: list[Any] = []
+    last_rx = t0
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        for node, count in con.execute("SELECT node, COUNT(*) FROM frames GROUP BY node"):
+            nodes.setdefault(node, NodeReport(node, "?")).stored = count
+        for row in iter_frames(con, kind="event"):
+            code = decode_fields(row).get("code")
+            r = nodes.setdefault(row["node"], NodeReport(row["node"], "?"))
+            if code == "fault":
+                r.fault_events += 1
+            elif code == "failsafe":
+                r.failsafe_events += 1
+            elif code == "recovered":
+                r.recovered_events += 1
+        for row in iter_frames(con, kind="reading"):
+            r = nodes.setdefault(row["node"], NodeReport(row["node"], "?"))
+            last_rx = max(last_rx, row["rx_time"])
+            # Failsafe ticks repeat old values (zeros before the first reading) and a
+            # missing sensor has none: neither is a measurement to vote with.
+            if row["failsafe"] or (row["faults"] or 0) & 1 or row["t"] is None:
+                continue
+            r.last_t, r.last_h = row["t"] / 100, row["h"] / 1024
+            # Consensus windows are in simulated time: the zone's air changes `speed`
+            # times faster than the wall clock says.
+            sim_time = (row["rx_time"] - t0) * speed
+            for q, scale in STORE_SCALE.items():
+                if row[q] is not None:
+                    items.append(Reading(row["node"], r.zone, sim_time, q, row[q] / scale))
+    finally:
+        con.close()
+    zone_windows: Counter[str] = Counter()
+    no_quorum: Counter[str] = Counter()
+    zone_last: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for v in verdicts(items, window=CONSENSUS_WINDOW_S, allowance=parse_allowances([]), max_faulty=None,
+                      offsets={}, quarantined=[]):
+        if v["quantity"] not in ("t", "h", "p"):
+            continue
+        zone = v["zone"]
+        if v["status"] == "OK" and v["value"] is not None:
+            zone_last[zone][v["quantity"]] = v
+        if v["quantity"] == "t":
+            zone_windows[zone] += 1
+            if v["status"] != "OK":
+                no_quorum[zone] += 1
+            for n in v["truechimers"] + v["falsetickers"]:
+                nodes[n].judged_windows += 1
+            for n in v["falsetickers"]:
+                nodes[n].falseticker_windows += 1
+                if nodes[n].first_flagged is None:
+                    nodes[n].first_flagged = v["window_start"]
+        for n, f in v.get("faults", {}).items():
+            if f.get("alarm") and n in nodes:
+                nodes[n].classes[f"{v['quantity']}:{f['class']}"] += 1
+                if v["quantity"] == "t" and f["class"] != "spike" and nodes[n].first_alarm is None:
+                    nodes[n].first_alarm = v["window_start"]
+                kind = f.get("action", {}).get("kind")
+                if kind and kind != "none" and f.get("actionable"):
+                    nodes[n].actions[kind] += 1
+    return Report(nodes, dict(zone_windows), dict(no_quorum), (last_rx - t0) * speed, dict(zone_last))
+
+
+def _verdict_text(r: NodeReport) -> str:
+    if not r.judged_windows:
+        return "not judged"
+    parts = []
+    if r.falseticker_windows:
+        parts.append(f"FALSETICKER {r.falseticker_windows}/{r.judged_windows} windows, "
+                     f"first at {_sim_clock(r.first_flagged or 0)}")
+    else:
+        parts.append(f"truechimer {r.judged_windows}/{r.judged_windows}")
+    if r.classes:
+        # Temperature classes first: that is the quantity the verdict column is about.
+        ranked = sorted(r.classes.items(), key=lambda ck: (not ck[0].startswith("t:"), -ck[1]))
+        top = ", ".join(f"{c} x{k}" for c, k in ranked[:2])
+        parts.append(top)
+    if r.actions:
+        parts.append("-> " + ", ".join(sorted(r.actions)))
+    return "; ".join(parts)
+
+
+def format_report(rep: Report, *, db: Path, wall: float, speed: float, setpoints: dict[str, float],
+                  injected: list[Injected]) -> list[str]:
+    total = sum(r.frames for r in rep.nodes.values())
+    stored = sum(r.stored for r in rep.nodes.values())
+    lines = [
+        f"summary: {len(rep.nodes)} nodes, {total} frames received, {stored} stored, "
+        f"{wall:.1f} s wall = {_sim_clock(rep.sim_s)} simulated ({speed:g}x)",
+        "",
+        f"{'node':<5} {'zone':<4} {'frames':>6} {'stored':>6} {'gaps (missing)':>14} {'reboots':>7} {'crc':>4} "
+        f"{'unplugs':>7} {'faults':>6} {'failsafe/rec':>12}  consensus (temperature)",
+    ]
+    for r in rep.nodes.values():
+        lines.append(
+            f"{r.node:<5} {r.zone:<4} {r.frames:>6} {r.stored:>6} {f'{r.gaps} ({r.missing})':>14} {r.reboots:>7} "
+            f"{r.crc_errors:>4} {r.disconnects:>7} {r.fault_events:>6} {f'{r.failsafe_events}/{r.recovered_events}':>12}  "
+            f"{_verdict_text(r)}"
+        )
+    lines.append("")
+    zones = sorted({r.zone for r in rep.nodes.values()})
+    for z in zones:
+        last = rep.zone_last.get(z, {})
+        windows = rep.zone_windows.get(z, 0)
+        nq = rep.zone_no_quorum.get(z, 0)
+        tail = f"; consensus windows {windows}" + (f", no quorum in {nq}" if nq else "")
+        vt, vh = last.get("t"), last.get("h")
+        if vt is None:
+            lines.append(f"zone {z}: no consensus value (too few healthy nodes agreed){tail}")
+            continue
+        # The zone's value is the consensus of its nodes in the last window, so a
+        # sabotaged sensor does not drag it: the falsetickers are named, not averaged in.
+        sp_t, sp_h = setpoints.get("t"), setpoints.get("h")
+        t = float(vt["value"])
+        text = f"zone {z}: T {t:.2f} °C" + (f" (setpoint {sp_t:.2f}, {t - sp_t:+.2f})" if sp_t is not None else "")
+        if vh is not None:
+            h = float(vh["value"])
+            text += f", RH {h:.1f} %" + (f" (fan setpoint {sp_h:.0f} %)" if sp_h is not None else "")
+        text += f" at {_sim_clock(float(vt['window_start']))}, agreed by {' '.join(vt['truechimers'])}"
+        if vt["falsetickers"]:
+            text += f", voted out: {' '.join(vt['falsetickers'])}"
+        lines.append(text + tail)
+    detected = [r for r in rep.nodes.values() if r.falseticker_windows]
+    for f in injected:
+        if f.role.startswith("sabotaged"):
+            node = f.text.split(":")[0]
+            hit = rep.nodes.get(node)
+            found = []
+            if hit is not None and hit.falseticker_windows:
+                found.append(f"voted out by its zone from {_sim_clock(hit.first_flagged or 0)}")
+            if hit is not None and hit.first_alarm is not None:
+                t_classes = [c.split(":", 1)[1] for c, _ in hit.classes.most_common() if c.startswith("t:")]
+                found.append(f"classed {t_classes[0]} from {_sim_clock(hit.first_alarm)}"
+                             + (f" (action: {', '.join(sorted(hit.actions))})" if hit.actions else ""))
+            if found:
+                lines.append(f"detected: the sabotaged {node} was " + " and ".join(found) + " (simulated time)")
+            else:
+                lines.append(f"not detected: the sabotaged {node} was never singled out "
+                             "(run longer, or with more nodes in its zone)")
+    wrongly = [r.node for r in detected if not any(f.text.startswith(r.node + ":") for f in injected)]
+    if wrongly:
+        lines.append(f"also voted out at times: {' '.join(wrongly)}")
+    zone = zones[0] if zones else "A"
+    window = CONSENSUS_WINDOW_S / speed
+    lines += [
+        "",
+        "explore the data:",
+        f"  canopy export --db {db} | head",
+        f"  canopy plot --db {db} --zone {zone} -o zone-{zone.lower()}.png",
+        f"  canopy consensus --db {db} --window {window:g}     # {CONSENSUS_WINDOW_S:g} simulated s per window",
+    ]
+    return lines
+
+
+# -- the one-node demo (--single) -----------------------------------------------------------
+
+FAULTS = {
+    # demo name -> sim.json fault kind
+    "stuck": "stuck",
+    "disconnect": "sensor_off",
+    "spike": "spike",
+    "drift": "drift",
+}
+WEATHER = ("mild", "hot", "humid", "cool")
+TARGET_WALL_S = 8.0  # --speed auto aims the whole run at about this much wall time
+ROWS = 30  # readings shown; events are always shown
+BAND_C = 0.5  # "on target" band for the summary
+
+_READING = re.compile(
+    r"^R t=(?P<t>\d+)s T=(?P<T>-?[\d.]+)C \(raw (?P<Traw>-?[\d.]+)\) P=(?P<P>-?\d+)Pa "
+    r"\(raw (?P<Praw>-?\d+)\) H=(?P<H>-?[\d.]+)% \(raw (?P<Hraw>-?[\d.]+)\) "
+    r"shade=(?P<shade>[\d.]+)% mist=(?P<mist>[\d.]+)% fan=(?P<fan>[\d.]+)% "
+    r"faults=(?P<faults>\d+) failsafe=(?P<failsafe>\d)"
+)
+_EVENT = re.compile(r"^E t=(?P<t>\d+)s event=(?P<code>\w+) arg=(?P<arg>-?\d+)")
+_SETPOINT = re.compile(r"T=(?P<t>-?[\d.]+)C")
 
 
 @dataclass
@@ -202,7 +710,8 @@ def summarise(s: Summary, run_s: int, wall_s: float) -> list[str]:
     return lines
 
 
-def run(args: argparse.Namespace) -> int:
+def run_single(args: argparse.Namespace) -> int:
+    """The one-node text demo (`--single`)."""
     run_s = int(args.minutes * 60)
     if run_s < 1:
         raise CanopyError("--minutes is too short: run at least one simulated second")
