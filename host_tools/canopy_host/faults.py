@@ -89,10 +89,13 @@ class FaultConfig:
     min_windows: int = 6  # windows needed to call drift vs microclimate, noise, stuck
     cusum_k: float = 0.25  # CUSUM slack, in units of the node's interval half-width
     cusum_h: float = 2.0  # CUSUM alarm threshold, same units
-    trend_fraction: float = 0.25  # trend over the fit window above this * width = drift
+    trend_fraction: float = 0.1  # a significant trend larger than this * width over the fit = drift
+    trend_sigmas: float = 3.0  # slope significance (slope / its standard error)
     stable_fraction: float = 0.25  # residual std below this * width = a stable offset
     min_correlation: float = 0.5  # first differences node vs zone, for a microclimate
     noise_ratio: float = 3.0  # residual-difference std / neighbours' median std
+    noise_floor: float = 0.1  # ...and at least this * width
+    noise_windows: int = 24  # look-back of the noise estimate (a median needs many samples)
     stuck_windows: int = 5
     actuator_tolerance: float = 5.0  # percentage points
     mismatch_windows: int = 2
@@ -124,7 +127,7 @@ class FaultTracker:
         self.quarantined: set[str] = set(quarantined)
         self._hist: dict[tuple[str, str], deque[_Win]] = {}
         self._cusum_from: dict[tuple[str, str, str], float] = {}  # windows before this start are ignored
-        self._good_run: dict[str, int] = {}
+        self._good_run: dict[tuple[str, str], int] = {}
         self._act: dict[tuple[str, str, str], deque[tuple[float, NodeWindow]]] = {}
 
     def offset(self, zone: str, node: str, quantity: str) -> float:
@@ -170,17 +173,24 @@ class FaultTracker:
                        actionable, Action(kind, node, verdict.quantity, offset, reason), evidence)
 
     def _track_release(self, f: Finding) -> Finding:
+        """Release a quarantined node once every quantity it reports has agreed with its
+        zone for `release_after` windows in a row (then it votes again)."""
         if f.node not in self.quarantined:
             return f
+        key = (f.node, f.quantity)
         if f.fault in ("ok", "microclimate"):
-            run = self._good_run.get(f.node, 0) + 1
-            self._good_run[f.node] = run
-            if run >= self.cfg.release_after and f.actionable:
-                ev = dict(f.evidence, agreeing_windows=run)
-                return Finding(f.node, f.zone, f.quantity, f.window_start, f.fault, False, f.actionable,
-                               Action("release", f.node, f.quantity, None, "agrees with the zone again"), ev)
+            self._good_run[key] = self._good_run.get(key, 0) + 1
         elif f.fault != "offline":
-            self._good_run[f.node] = 0
+            self._good_run[key] = 0
+        runs = [r for (n, _q), r in self._good_run.items() if n == f.node]
+        run = min(runs)
+        if run >= self.cfg.release_after and f.actionable and f.fault in ("ok", "microclimate"):
+            self.quarantined.discard(f.node)
+            for k in [k for k in self._good_run if k[0] == f.node]:
+                del self._good_run[k]
+            ev = dict(f.evidence, agreeing_windows=run)
+            return Finding(f.node, f.zone, f.quantity, f.window_start, f.fault, False, f.actionable,
+                           Action("release", f.node, f.quantity, None, "agrees with the zone again"), ev)
         return f
 
     def _classify(self, zone: str, q: str, node: str, hist: deque[_Win], verdict: Verdict,
@@ -210,7 +220,8 @@ class FaultTracker:
         series = [(w.start, w.values[node] - off - w.zone_value, w.values[node], w.zone_value, w.spreads[node],
                    w.last_time[node]) for w in hist if node in w.values and w.zone_value is not None]
         e_now = series[-1][1]
-        outlier = abs(e_now) > width or node not in now.truechimers
+        # A quarantined node takes no part in the vote: judge it by its residual alone.
+        outlier = abs(e_now) > width or node in verdict.falsetickers
         prev_outlier = len(series) >= 2 and (abs(series[-2][1]) > width)
 
         if outlier and prev_outlier and len(series) >= 2:
@@ -245,16 +256,18 @@ class FaultTracker:
         k, h = cfg.cusum_k * width, cfg.cusum_h * width
         sp = sn = 0.0
         alarm_before = False
-        for i, s in enumerate(res):
+        for s in res:
+            alarm_before = sp > h or sn > h  # the statistic before this window
             e = min(max(s[1], -width), width)
             sp = max(0.0, sp + e - k)
             sn = max(0.0, sn - e - k)
-            if i < len(res) - 1 and (sp > h or sn > h):
-                alarm_before = True
-        alarm = sp > h or sn > h or alarm_before
+        # CUSUM decays slowly once the shift is gone: a node agreeing again (recent
+        # residuals within the slack) is ok while the statistic runs down.
+        back = len(res) >= 3 and abs(_median_of([s[1] for s in res[-3:]])) <= k
+        alarm = (sp > h or sn > h) and not back
         if outlier and not prev_outlier and not alarm_before:
             return self._finding(verdict, node, "spike", "none",
-                                 {"residual": e_now, "width": width, "falseticker": node not in now.truechimers},
+                                 {"residual": e_now, "width": width, "falseticker": node in verdict.falsetickers},
                                  reason="single outlier: suppressed, never repaired")
         ev: dict[str, Any] = {"residual": e_now, "cusum_pos": sp, "cusum_neg": sn, "threshold": h, "offset": off}
         if not alarm and not outlier:
@@ -266,10 +279,10 @@ class FaultTracker:
                                  reason="offset building up; too few windows to classify yet")
         xs = [s[0] for s in tail]
         es = [s[1] for s in tail]
-        slope, intercept, resid_std = _fit(xs, es)
+        slope, intercept, resid_std, slope_se = _fit(xs, es)
         trend = abs(slope) * (xs[-1] - xs[0])
         ev.update(slope_per_s=slope, trend=trend, residual_std=resid_std, windows=len(tail))
-        if trend > cfg.trend_fraction * width:
+        if trend > cfg.trend_fraction * width and abs(slope) > cfg.trend_sigmas * slope_se:
             fitted = slope * xs[-1] + intercept
             return self._finding(verdict, node, "drift", "recalibrate", dict(ev, kind="trend"), off + fitted,
                                  reason="offset growing (CUSUM alarm and a trend)")
@@ -284,6 +297,9 @@ class FaultTracker:
                 self._cusum_from[(zone, node, q)] = now.start + 1e-9
                 return self._finding(verdict, node, "microclimate", "none", dict(ev, learned_offset=off + level),
                                      reason="stable offset that tracks the zone with pressure agreeing: learned")
+            if len(tail) < cfg.min_windows * 2 and not outlier:
+                return self._finding(verdict, node, "suspect", "none", ev,
+                                     reason="stable offset; waiting for more windows before calling it a fault")
         return self._finding(verdict, node, "drift", "recalibrate", dict(ev, kind="step", level=level),
                              off + level, reason="stable offset not explained by a microclimate")
 
@@ -307,14 +323,17 @@ class FaultTracker:
 
     def _noise(self, node: str, hist: deque[_Win], width: float) -> dict[str, Any] | None:
         cfg = self.cfg
-        wins = [w for w in hist if w.zone_value is not None and node in w.values][-cfg.min_windows * 2:]
+        wins = [w for w in hist if w.zone_value is not None and node in w.values][-cfg.noise_windows:]
         if len(wins) < cfg.min_windows:
             return None
 
         def scatter(n: str) -> float | None:
-            # Robust (median absolute first difference, scaled to a std for Gaussian
-            # noise): one spike moves two differences, not the median.
-            es = [w.values[n] - w.zone_value for w in wins if n in w.values]  # type: ignore[operator]
+            # Residual to the median of the OTHER nodes (the zone median would be the
+            # node itself for the middle one), then a robust spread of its first
+            # differences (median absolute difference scaled to a Gaussian std): one
+            # spike moves two differences, not the median.
+            es = [w.values[n] - _median_of([x for m, x in w.values.items() if m != n])
+                  for w in wins if n in w.values and len(w.values) > 1]
             if len(es) < cfg.min_windows:
                 return None
             d = _median_of([abs(x) for x in _diff(es)]) * 1.4826 / math.sqrt(2)
@@ -326,7 +345,8 @@ class FaultTracker:
             return None
         neigh = max(_median_of(others), 0.02 * width)
         ratio = mine / neigh
-        if ratio >= cfg.noise_ratio:
+        # Scatter well under the sensor's accuracy is not worth a quarantine.
+        if ratio >= cfg.noise_ratio and mine >= cfg.noise_floor * width:
             return {"std": mine, "neighbour_std": neigh, "ratio": ratio, "windows": len(wins)}
         return None
 
@@ -417,22 +437,27 @@ def _rms(xs: list[float]) -> float:
 
 
 def _corr(a: list[float], b: list[float]) -> float | None:
+    """Uncentred correlation (cosine) of two difference series: a node that moves with the
+    zone scores near 1 even when the zone moves as a steady ramp (whose differences are
+    nearly constant, so a centred Pearson coefficient would only see the noise)."""
     if len(a) < 3 or len(a) != len(b):
         return None
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    va = sum((x - ma) ** 2 for x in a)
-    vb = sum((y - mb) ** 2 for y in b)
+    va = sum(x * x for x in a)
+    vb = sum(y * y for y in b)
     if va <= 0 or vb <= 0:
         return None
-    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / math.sqrt(va * vb)
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(va * vb)
 
 
-def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
-    """Least-squares line: (slope, intercept, std of the residuals around it)."""
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float, float]:
+    """Least-squares line: (slope, intercept, std of the residuals around it, slope's standard error)."""
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     intercept = my - slope * mx
     res = [y - (slope * x + intercept) for x, y in zip(xs, ys)]
-    return slope, intercept, _std(res) if n > 2 else 0.0
+    if n <= 2 or sxx == 0:
+        return slope, intercept, 0.0, math.inf
+    s2 = sum(r * r for r in res) / (n - 2)
+    return slope, intercept, _std(res), math.sqrt(s2 / sxx)
