@@ -46,6 +46,7 @@ from typing import Any
 
 from .errors import CanopyError
 from .paths import FIRMWARE_DIR, micropython_command
+from .unixport import firmware_path
 
 BOOT_SHIM = FIRMWARE_DIR / "canopy" / "sim" / "boot.py"
 CLIMATE_MODULE = FIRMWARE_DIR / "canopy" / "sim" / "climate.py"
@@ -431,7 +432,9 @@ class VirtualNode:
                 cmd += ["-X", f"heapsize={cfg.heapsize}"]
             cmd += ["-i", str(BOOT_SHIM)]
             env = dict(os.environ)
-            env["MICROPYPATH"] = f"{self.folder}:{FIRMWARE_DIR}"
+            # Precompiled firmware first (no compiler peak on a small heap), the sources
+            # after it for main.py; files deployed into the node folder win over both.
+            env["MICROPYPATH"] = ":".join([str(self.folder)] + firmware_path())
             env["CANOPY_SIM_BOOT"] = mode
             self._proc = subprocess.Popen(
                 cmd, stdin=slave, stdout=slave, stderr=slave, cwd=self.folder, env=env,
