@@ -22,8 +22,10 @@ Environment (unix port only; the chip has no environment):
 
 import gc
 import os
+import sys
 
-from canopy import board as _board
+from micropython import const
+
 from canopy import config as _config
 from canopy import hal
 from canopy.node import Node
@@ -151,19 +153,54 @@ def loop(node, link, run_ms=0):
             deadline = hw.ticks_ms()
 
 
+# Collect after this many bytes of allocation while the node is being built (see main).
+_START_GC_BYTES = const(2048)
+
+
+def _unload(name):
+    # Start-up-only module: forget it so its bytecode is collected (its names stay
+    # interned; an import later on simply loads it again).
+    sys.modules.pop(name, None)
+    pkg, _, attr = name.rpartition(".")
+    parent = sys.modules.get(pkg)
+    if parent is not None and attr in getattr(parent, "__dict__", ()):
+        delattr(parent, attr)
+
+
+def _start_gc(nbytes):
+    threshold = getattr(gc, "threshold", None)  # absent on CPython
+    if threshold is not None:
+        threshold(nbytes)
+
+
 def main():
+    # Start-up garbage (JSON, .mpy loading, dicts outgrowing their tables) is collected
+    # every few KB instead of when the heap is full: otherwise the long-lived objects
+    # built meanwhile end up scattered between holes too small for the next dict table
+    # or qstr pool, and a small heap fails with a third of it free. docs/firmware.md
+    # "Memory budget" has the measurements.
+    _start_gc(_START_GC_BYTES)
     try:
-        hw = hal.open(_board.load())
+        from canopy import board
+
+        hw = hal.open(board.load())
     except ValueError as e:  # BoardError, or a bad sim.json in the unix port
         print("canopy: cannot start: %s" % e)
         return 2
-    # Start-up garbage (JSON parsing, config merging) goes before the next big
-    # allocations, so a small heap is not fragmented by it for the node's lifetime.
+    board = None
+    _unload("canopy.board")
     gc.collect()
     node = Node(hw, load_config())
     gc.collect()
     link = make_link(node)
+    err = getattr(link, "repair_error", None)
+    if err is not None:
+        # The link runs on without it (failsafe duties first), but say so: a node that
+        # ignores cfg_* commands must not look like one that answers them.
+        print("canopy: repair agent not started: %r" % (err,))
+    err = None
     gc.collect()
+    _start_gc(-1)  # steady state: only a full heap triggers a collection
     run_s = int(_env("CANOPY_RUN_S", "0"))
     loop(node, link, run_s * 1000)
 
