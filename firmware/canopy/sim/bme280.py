@@ -34,6 +34,13 @@ except ImportError:  # CPython
     def _wall_ms():
         return int(_time.monotonic() * 1000)
 
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
 
 # Datasheet example temperature/pressure calibration (BMP280/BME280 worked example) and
 # humidity constants typical of real parts.
@@ -44,29 +51,37 @@ DEFAULT_CALIBRATION = {
     "H1": 75, "H2": 362, "H3": 0, "H4": 313, "H5": 50, "H6": 30,
 }
 
-# name -> (min, max) of the register field
-_FIELDS = {
-    "T1": (0, 65535), "T2": (-32768, 32767), "T3": (-32768, 32767),
-    "P1": (0, 65535), "P2": (-32768, 32767), "P3": (-32768, 32767), "P4": (-32768, 32767),
-    "P5": (-32768, 32767), "P6": (-32768, 32767), "P7": (-32768, 32767),
-    "P8": (-32768, 32767), "P9": (-32768, 32767),
-    "H1": (0, 255), "H2": (-32768, 32767), "H3": (0, 255),
-    "H4": (-2048, 2047), "H5": (-2048, 2047), "H6": (-128, 127),
-}
 
-CHIP_ID = 0x60
-_REG_CHIP_ID = 0xD0
-_REG_RESET = 0xE0
-_REG_CTRL_HUM = 0xF2
-_REG_STATUS = 0xF3
-_REG_CTRL_MEAS = 0xF4
-_REG_CONFIG = 0xF5
-_REG_DATA = 0xF7
-_REG_DATA_END = 0xFE
-_MEASURING = 0x08
-_SKIPPED_20 = 0x80000  # what the data registers hold for a skipped (osrs = 0) channel
-_SKIPPED_16 = 0x8000
-_TF_PER_C = 5120  # t_fine units per degC
+def _field_range(name):
+    # (min, max) of a calibration register field, None for an unknown name. A function
+    # rather than a table: only calibration overrides need it, and a dict of 18 tuples
+    # would stay on a virtual node's heap for nothing.
+    if name in ("T1", "P1"):
+        return (0, 65535)
+    if name in ("H1", "H3"):
+        return (0, 255)
+    if name in ("H4", "H5"):
+        return (-2048, 2047)
+    if name == "H6":
+        return (-128, 127)
+    if name in DEFAULT_CALIBRATION:
+        return (-32768, 32767)
+    return None
+
+
+CHIP_ID = const(0x60)
+_REG_CHIP_ID = const(0xD0)
+_REG_RESET = const(0xE0)
+_REG_CTRL_HUM = const(0xF2)
+_REG_STATUS = const(0xF3)
+_REG_CTRL_MEAS = const(0xF4)
+_REG_CONFIG = const(0xF5)
+_REG_DATA = const(0xF7)
+_REG_DATA_END = const(0xFE)
+_MEASURING = const(0x08)
+_SKIPPED_20 = const(0x80000)  # what the data registers hold for a skipped (osrs = 0) channel
+_SKIPPED_16 = const(0x8000)
+_TF_PER_C = const(5120)  # t_fine units per degC
 
 
 def _oversampling(field):
@@ -79,9 +94,10 @@ class SimBME280:
         cal = dict(DEFAULT_CALIBRATION)
         if calibration:
             for k, v in calibration.items():
-                if k not in _FIELDS:
+                rng = _field_range(k)
+                if rng is None:
                     raise ValueError("unknown calibration field %r (expected T1..T3, P1..P9, H1..H6)" % (k,))
-                lo, hi = _FIELDS[k]
+                lo, hi = rng
                 if not isinstance(v, int) or v < lo or v > hi:
                     raise ValueError("calibration %s must be an int in %d..%d, got %r" % (k, lo, hi, v))
                 cal[k] = v

@@ -20,6 +20,12 @@ import json
 import os
 import time
 
+# Imported with this module, not inside open(): all simulation code is loaded before the
+# first simulated object exists, so long-lived code and start-up garbage do not
+# interleave on a small heap.
+from canopy import hal
+from canopy.sim.world import World
+
 TICKS_MASK = 0x3FFFFFFF  # time.ticks_* arithmetic wraps at 2**30
 _open_file = open  # this module defines its own open(board, sim)
 
@@ -125,9 +131,6 @@ def load_sim(path="sim.json"):
 
 
 def open(board, sim=None):
-    from canopy import hal
-    from canopy.sim.world import World
-
     if sim is None:
         sim = load_sim()
     world = World(sim)

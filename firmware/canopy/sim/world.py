@@ -26,7 +26,9 @@ Usage::
     w.advance(1000)
 """
 
+from canopy.sim.bme280 import SimBME280
 from canopy.sim.climate import Canopy, Rng, Weather
+from canopy.sim.i2c import SimI2C
 
 BME280_ADDR = 0x76
 FAULT_KINDS = ("stuck", "drift", "spike", "sensor_off")
@@ -71,9 +73,6 @@ def parse_faults(faults):
 class World:
     def __init__(self, sim=None):
         sim = sim or {}
-        from canopy.sim.bme280 import SimBME280
-        from canopy.sim.i2c import SimI2C
-
         self.sim = sim
         self.node_id = sim.get("node_id", "sim")
         self.now_ms = 0
