@@ -17,7 +17,7 @@ from canopy_host.consensus import Reading, fuse, make_interval
 from canopy_host.consensus_cmd import verdicts
 from canopy_host.faults import Action, FaultTracker
 
-T0 = 1_764_100_800  # a window boundary (multiple of 60)
+T0 = 1_795_636_800  # 2026-11-25T20:00:00Z, a window boundary (multiple of 60)
 WINDOW = 60
 NODES = ("n1", "n2", "n3", "n4", "n5")
 

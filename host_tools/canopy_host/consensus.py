@@ -29,7 +29,7 @@ which contains the zone's true value if the node is healthy. From these interval
     from canopy_host.consensus import fuse, make_interval
     iv = [make_interval("n01", 24.1, 1.0, 1.0), make_interval("n02", 24.3, 1.0, 1.0),
           make_interval("n03", 31.0, 1.0, 1.0)]
-    v = fuse(iv, zone="A", quantity="t", window_start=1764100800)
+    v = fuse(iv, zone="A", quantity="t", window_start=1795636800)
     v.value, v.falsetickers, v.actionable   # 24.2, ['n03'], True
 """
 
@@ -277,10 +277,11 @@ def reduce_window(readings: Sequence[Reading], default_accuracy: float) -> NodeW
     vals = [r.value for r in readings]
     mean = sum(vals) / len(vals)
     spread = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-    accs = [r.accuracy for r in readings if r.accuracy is not None]
+    # The widest claim wins: a reading without its own accuracy has the quantity's default.
+    acc = max(default_accuracy if r.accuracy is None else r.accuracy for r in readings)
     sps = [r.setpoint for r in readings if r.setpoint is not None]
     times = [r.time for r in readings]
-    return NodeWindow(_median(vals), max(accs) if accs else default_accuracy, len(vals), spread,
+    return NodeWindow(_median(vals), acc, len(vals), spread,
                       min(times), max(times), _median(sps) if sps else None)
 
 

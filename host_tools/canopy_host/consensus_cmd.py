@@ -27,8 +27,8 @@ STORE_SCALE = {"t": 100.0, "p": 100.0, "h": 1024.0}
 
 EPILOG = """\
 input (one JSON object per line; units: t °C, p hPa, h %RH, shade/mist/fan %):
-  {"node": "n01", "zone": "A", "time": 1764100800.5, "quantity": "t", "value": 24.31, "accuracy": 1.0}
-  {"node": "n01", "zone": "A", "time": 1764100800.5, "quantity": "mist", "value": 0, "setpoint": 40}
+  {"node": "n01", "zone": "A", "time": 1795636800.5, "quantity": "t", "value": 24.31, "accuracy": 1.0}
+  {"node": "n01", "zone": "A", "time": 1795636800.5, "quantity": "mist", "value": 0, "setpoint": 40}
   {"node": "n03", "zone": "A", "time": 1764100801, "event": "mac_failure"}
 
 examples:
