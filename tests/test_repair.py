@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from canopy_host.repair import TERMINAL, TRANSITIONS, Journal, RepairEngine, audit_entries, plan, status
+from canopy_host.repair import (TERMINAL, TRANSITIONS, Journal, NodeRefused, RepairEngine, audit_entries, plan,
+                                status)
 from canopy_host.shadow import Shadow, firmware_config
 from test_repair_support import FakeClock, HostCrash, PipeMesh, canonical_digest
 
@@ -262,3 +263,28 @@ def test_config_that_breaks_a_healthy_node_is_rolled_back(tmp_path, mesh):
     assert eng.run(deadline_s=3000) == {"ROLLED_BACK": 1}
     assert node_digest(mesh, "n01") == canonical_digest(want(1))
     assert mesh.file("n01", "config.trial") is None
+
+
+def test_strict_nodes_take_only_tagged_repair_commands(tmp_path):
+    master = bytes(range(32))
+    mesh = PipeMesh(tmp_path, ["n01", "n02"], master=master)
+    try:
+        shadow = Shadow({"version": 2, "t_setpoint": 2450}, {"n01": {}, "n02": {}})
+        eng = make(tmp_path, mesh, shadow)
+        eng.submit(plan(shadow, actual(mesh, shadow)))
+        assert eng.run(deadline_s=600) == {"VERIFIED": 2}
+        digest = canonical_digest(want(2, t_setpoint=2450))
+        assert node_digest(mesh, "n01") == digest
+        mesh.untagged = True
+        with pytest.raises(NodeRefused) as e:
+            mesh.request("n01", "quarantine", {"on": 1})
+        assert e.value.err == "auth"
+        mesh.untagged = False
+        mesh.tag_node = "n02"  # n02's key speaking for n01
+        with pytest.raises(NodeRefused) as e:
+            mesh.request("n01", "quarantine", {"on": 1})
+        assert e.value.err == "auth"
+        mesh.tag_node = None
+        assert not status(mesh, "n01").quarantine and mesh.file("n01", "quarantine") is None
+    finally:
+        mesh.close()

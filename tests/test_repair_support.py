@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from canopy_host.protocol import FrameParser
-from canopy_host.repair import NodeOffline, NodeRefused, encode_repair_command
+from canopy_host.repair import NodeOffline, NodeRefused, encode_repair_command, tag_line
+from canopy_host.security import FrameVerifier, derive_node_key, key_file_text
 from canopy_host.unixport import micropython_env
 from canopy_host.paths import micropython_command
 
@@ -36,7 +37,13 @@ class _NoInput:
 
 hw = hal.open(board.load())
 node = Node(hw, fw.load_config())
-link = Link(node, inp=_NoInput(), report_every=1000000)
+try:
+    import os
+    os.stat("canopy_key.json")
+    auth = "flash"  # strict: the node's key file, as provisioning writes it
+except OSError:
+    auth = None
+link = Link(node, inp=_NoInput(), report_every=1000000, auth=auth)
 out = sys.stdout.buffer
 link.service(hw.ticks_ms())
 while True:
@@ -61,8 +68,12 @@ def canonical_digest(cfg: Mapping[str, Any]) -> str:
 
 
 class PipeMesh:
-    def __init__(self, root: Path, ids: list[str]) -> None:
+    def __init__(self, root: Path, ids: list[str], master: bytes | None = None) -> None:
         self.root = root
+        self.master = master
+        self.verifier = FrameVerifier.from_master(master, ids) if master else None
+        self.untagged = False  # send the next commands without a tag (an attacker, a stale tool)
+        self.tag_node: str | None = None  # tag under this node's key instead (cross-node forgery)
         self.ids = ids
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.partitioned: set[str] = set()
@@ -80,6 +91,8 @@ class PipeMesh:
             d.mkdir()
             (d / "sim.json").write_text(json.dumps({"node_id": nid, "seed": 11 + i, "speed": 0,
                                                     "weather": "mild"}))
+            if master:
+                (d / "canopy_key.json").write_text(key_file_text(derive_node_key(master, nid), nid))
             self.start(nid)
 
     def folder(self, nid: str) -> Path:
@@ -119,7 +132,10 @@ class PipeMesh:
         counter = self.counter
         p = self.procs[node]
         assert p.stdin is not None and p.stdout is not None
-        p.stdin.write(encode_repair_command(node, counter, cmd, args))
+        line = encode_repair_command(node, counter, cmd, args)
+        if self.master and not self.untagged:
+            line = tag_line(line, derive_node_key(self.master, self.tag_node or node))
+        p.stdin.write(line)
         p.stdin.flush()
         self.sent.append((node, cmd))
         parser = FrameParser()
@@ -139,6 +155,8 @@ class PipeMesh:
             for f in parser.feed(data):
                 if f.fields.get("re") != counter:
                     continue
+                if self.verifier is not None:
+                    assert self.verifier.verify(f) == "ok", f  # the node's answers are tagged too
                 if f.kind == "reply":
                     answer = dict(f.fields)
                 elif f.kind == "error":

@@ -95,6 +95,19 @@ def encode_repair_command(node: str, counter: int, cmd: str, args: Mapping[str, 
     return line
 
 
+def tag_line(line: bytes, key: bytes) -> bytes:
+    """Add the HMAC tag token (docs/security.md) to a command line: the tag covers the line
+    up to the ` !` token, the CRC everything up to ` *`."""
+    from .security import tag_bytes
+
+    body = line[: line.rindex(b" *")]
+    tagged = body + b" !" + tag_bytes(key, body).hex().encode()
+    out = tagged + b" *%08x\n" % zlib.crc32(tagged)
+    if len(out) > MAX_FRAME:
+        raise CanopyError(f"repair: tagged frame would be {len(out)} bytes (limit {MAX_FRAME})")
+    return out
+
+
 def config_chunks(data: bytes) -> list[dict[str, object]]:
     """cfg_chunk arguments covering `data`: two x-prefixed hex values per frame."""
     out: list[dict[str, object]] = []
@@ -111,8 +124,12 @@ def config_chunks(data: bytes) -> list[dict[str, object]]:
 class SerialClient:
     """Talks to nodes over their serial ports (physical, pty, sim:NODE, socket://)."""
 
-    def __init__(self, ports: Mapping[str, str], *, timeout: float = 3.0, state_file: str | None = None) -> None:
+    def __init__(self, ports: Mapping[str, str], *, timeout: float = 3.0, state_file: str | None = None,
+                 auth: Any = None) -> None:
         self.ports = dict(ports)
+        # canopy_host.security.HostAuth for strict nodes: tagged commands with the
+        # persisted counter, and only replies whose tag verifies are believed.
+        self.auth = auth
         self.state_file = state_file  # for sim:NODE ports (re-resolved at every open)
         self.timeout = timeout
         self._counter = int(time.time() * 1000) % 10**9  # increasing across runs
@@ -143,9 +160,13 @@ class SerialClient:
     def request(self, node: str, cmd: str, args: Mapping[str, object]) -> dict[str, Any]:
         from .protocol import FrameParser
 
-        self._counter += 1
-        counter = self._counter
-        line = encode_repair_command(node, counter, cmd, args)
+        if self.auth is not None:
+            counter = self.auth.counter.next()
+            line = tag_line(encode_repair_command(node, counter, cmd, args), self.auth.key(node))
+        else:
+            self._counter += 1
+            counter = self._counter
+            line = encode_repair_command(node, counter, cmd, args)
         port = self._port(node)
         parser = FrameParser()
         try:
@@ -156,6 +177,8 @@ class SerialClient:
                 for f in parser.feed(port.read(4096)):
                     if f.node != node or f.fields.get("re") != counter:
                         continue
+                    if self.auth is not None and self.auth.verify(f) != "ok":
+                        continue  # forged or replayed: not the node's answer
                     if f.kind == "reply":
                         return dict(f.fields)
                     if f.kind == "error":

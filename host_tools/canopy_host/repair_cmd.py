@@ -46,6 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                    help="stop retrying offline nodes after S seconds (default 120); jobs stay journaled")
     p.add_argument("--timeout", type=float, default=3.0, metavar="S", help="answer timeout per command (default 3)")
     p.add_argument("--json", action="store_true", help="print the plan / result as JSON")
+    p.add_argument("--master-key", metavar="FILE",
+                   help="mesh master key file: tag every command, believe only verified replies (docs/security.md)")
+    p.add_argument("--counter-file", metavar="FILE",
+                   help="persisted host command counter (default: the security module's, var/security/counter.json)")
     p.set_defaults(func=run)
 
 
@@ -113,7 +117,8 @@ def after_monitor(args: argparse.Namespace, seen: dict[str, str]) -> int:
     shadow = load_shadow(args.repair)
     ports = {n: (f"sim:{n}" if args.sim_state else p) for n, p in seen.items()}
     ns = argparse.Namespace(shadow=args.repair, db=args.db, dry_run=False, deadline=60.0, timeout=3.0,
-                            json=False, sim_state=args.sim_state)
+                            json=False, sim_state=args.sim_state, master_key=getattr(args, "master_key", None),
+                            counter_file=None)
     print(f"canopy monitor: repairing against {args.repair} ...", file=sys.stderr)
     return execute(ns, shadow, ports, [])
 
@@ -121,7 +126,13 @@ def after_monitor(args: argparse.Namespace, seen: dict[str, str]) -> int:
 def execute(args: argparse.Namespace, shadow: Any, ports: dict[str, str], findings: list[dict[str, Any]]) -> int:
     from .repair import Journal, NodeOffline, NodeRefused, RepairEngine, SerialClient, plan, status, summary_lines
 
-    client = SerialClient(ports, timeout=args.timeout, state_file=args.sim_state)
+    auth = None
+    if getattr(args, "master_key", None):
+        from .security import DEFAULT_COUNTER_FILE, HostAuth, load_master_key
+
+        auth = HostAuth(load_master_key(Path(args.master_key)),
+                        Path(args.counter_file) if args.counter_file else DEFAULT_COUNTER_FILE)
+    client = SerialClient(ports, timeout=args.timeout, state_file=args.sim_state, auth=auth)
     try:
         actual = {}
         for node in shadow.node_ids():
