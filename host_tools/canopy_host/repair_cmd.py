@@ -157,10 +157,11 @@ def execute(args: argparse.Namespace, shadow: Any, ports: dict[str, str], findin
         journal = Journal(args.db)
         try:
             engine = RepairEngine(journal, client, shadow)
-            engine.submit(p)
+            mine = {j.id for j in journal.open_jobs()}  # resumed from an earlier run
+            mine |= {j.id for j in engine.submit(p)}
             shadow.save()  # findings folded into the desired state stay there
             engine.run(deadline_s=args.deadline)
-            jobs = journal.jobs()
+            jobs = [j for j in journal.jobs() if j.id in mine]
         finally:
             journal.close()
     finally:
