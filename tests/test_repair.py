@@ -288,3 +288,25 @@ def test_strict_nodes_take_only_tagged_repair_commands(tmp_path):
         assert not status(mesh, "n01").quarantine and mesh.file("n01", "quarantine") is None
     finally:
         mesh.close()
+
+
+def test_node_reboots_after_every_state_change_and_holds_old_or_new(tmp_path, mesh):
+    """Reboot the node right after each journaled step of its job (PENDING -> STAGED ->
+    ACTIVATED -> VERIFIED); after each reboot its config is the old or the new one."""
+    shadow = Shadow({"version": 2, "t_setpoint": 2450}, {"n01": {}})
+    old, new = canonical_digest(want(1)), canonical_digest(want(2, t_setpoint=2450))
+    eng = make(tmp_path, mesh, shadow)
+    seen: list[tuple[str, str]] = []
+    move = eng.journal.move
+
+    def move_and_reboot(job, state, **detail):
+        move(job, state, **detail)
+        mesh.reboot(job.node)
+        seen.append((state, status(mesh, job.node).cfg_digest))
+
+    eng.journal.move = move_and_reboot  # type: ignore[method-assign]
+    eng.submit(plan(shadow, actual(mesh, shadow)))
+    assert eng.run(deadline_s=600) == {"VERIFIED": 1}
+    assert [s for s, _ in seen] == ["STAGED", "ACTIVATED", "VERIFIED"]
+    assert all(d in (old, new) for _, d in seen)
+    assert seen[0][1] == old and seen[-1][1] == new
