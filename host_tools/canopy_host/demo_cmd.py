@@ -42,7 +42,10 @@ DEFAULT_NODES = 6
 DEFAULT_ZONES = 2
 PLAIN_EVERY_S = 2.0  # status line period when stdout is not a terminal
 CONSENSUS_WINDOW_S = 60.0  # simulated seconds per consensus window
-SABOTAGE_DRIFT_C = 8.0  # how far the sabotaged sensor has drifted by the end of the run
+SABOTAGE_C = 5.0  # the sabotaged sensor's error once its drift has settled
+CHECK_S = 2.0  # wall seconds between the demo's consensus checks (detection, release)
+RELEASE_AFTER = 3  # complete windows of agreement after a repair before the release
+REPAIR_DEADLINE_S = 10.0  # wall seconds one repair may take (an offline node waits in the journal)
 # Link events worth a line of their own in the plain output.
 LOUD_EVENTS = ("fault", "failsafe", "recovered", "boot")
 
@@ -149,6 +152,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="inject a fault (repeatable; replaces the default faults); "
                         "--single: one of " + ", ".join(sorted(FAULTS)))
     p.add_argument("--no-faults", action="store_true", help="no default faults: a quiet run")
+    p.add_argument("--no-repair", action="store_true",
+                   help="detect only: do not quarantine, recalibrate or release nodes")
     p.add_argument("--dir", default="var/demo", metavar="DIR",
                    help="folder for the database and the virtual nodes' flash (default var/demo)")
     p.add_argument("--db", default=None, metavar="FILE",
@@ -206,10 +211,10 @@ class Injected:
 def default_faults(nodes: int, zones: int, sim_s: float) -> list[Injected]:
     """The default demo's faults, scaled to the run so every --duration/--speed shows them.
 
-    A sensor in zone A drifts slowly from 15 % of the run to SABOTAGE_DRIFT_C by its end:
-    the node itself sees nothing wrong (the reading stays plausible, and its control
-    loop even holds the WRONG value on target), only a comparison with its neighbours
-    can tell. The last node of zone A is picked so that with >= 3 nodes there the
+    A sensor in zone A drifts by SABOTAGE_C over 10 % of the run from 15 % on, then
+    keeps that error: the node itself sees nothing wrong (the reading stays plausible,
+    and its control loop even holds the WRONG value on target), only a comparison with
+    its neighbours can tell. The last node of zone A is picked so that with >= 3 nodes there the
     consensus has a majority to single it out. A node of another zone is unplugged for
     8 % of the run around the middle: the monitor must record the missing frames and
     reconnect. A third node loses its sensor for 5 % of the run: failsafe, recovery."""
@@ -217,12 +222,16 @@ def default_faults(nodes: int, zones: int, sim_s: float) -> list[Injected]:
     out: list[Injected] = []
     zone_a = members["A"]
     sabotaged = zone_a[-1]
-    start = 0.15 * sim_s
-    rate = SABOTAGE_DRIFT_C / max(sim_s - start, 1.0)
-    role = "sabotaged sensor (slow drift)"
+    # A drift that settles: +rate from `start`, and -rate from `start + ramp` cancels its
+    # growth, leaving a constant SABOTAGE_C error (a knocked or contaminated sensor),
+    # which is what a recalibration can really fix.
+    start, ramp = 0.15 * sim_s, 0.1 * sim_s
+    rate = SABOTAGE_C / ramp
+    role = f"sabotaged sensor: drifts {SABOTAGE_C:+g} °C from {_sim_clock(start)} to {_sim_clock(start + ramp)}"
     if len(zone_a) < 3:
         role += "; zone A has fewer than 3 nodes, so no majority can single it out"
     out.append(Injected(f"{sabotaged}:drift={rate:.4g}@{start:.0f}", role))
+    out.append(Injected(f"{sabotaged}:drift={-rate:.4g}@{start + ramp:.0f}", "(stops the drift: the error stays)"))
     # Other zones first: zone A's remaining nodes are the majority that outvotes the drift.
     others = [n for _, ids in sorted(members.items(), key=lambda kv: kv[0] == "A") for n in ids if n != sabotaged]
     if others:
@@ -324,8 +333,9 @@ def run_mesh(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     store = Store(db)
     collector = Collector(store)
-    readers: list[Any] = []
+    readers: dict[str, Any] = {}
     dash = None
+    repairer: DemoRepair | None = None
     interrupted = False
     t0 = time.time()
     broken = False
@@ -333,9 +343,24 @@ def run_mesh(args: argparse.Namespace) -> int:
         sup.start()
         t0 = time.time()
         for spec in sim_specs(cfg.state_path):
-            readers.append(PortReader(collector.add_port(spec), collector))
-        for r in readers:
+            readers[spec.node_hint] = PortReader(collector.add_port(spec), collector)
+        for r in readers.values():
             r.start()
+
+        def pause(node: str) -> None:  # the repair needs the node's port to itself
+            readers[node].stop()
+            readers[node].join(timeout=5)
+
+        def resume(node: str) -> None:
+            readers[node] = PortReader(readers[node].ps, collector)
+            readers[node].start()
+
+        if not args.no_repair:
+            repairer = DemoRepair(db=db, shadow_path=db.with_suffix(".shadow.json"), state_file=cfg.state_path,
+                                  t0=t0, speed=speed, zone_of={n: z for z, ids in zone_members(nodes, zones).items()
+                                                              for n in ids},
+                                  pause=pause, resume=resume, say=notes.append)
+        next_check = time.monotonic() + CHECK_S
         if live:
             from .dashboard import Dashboard
 
@@ -352,6 +377,10 @@ def run_mesh(args: argparse.Namespace) -> int:
                     collector.messages.append(note)
                 else:
                     print(f"  {note}", flush=True)
+            if repairer is not None and now >= next_check:
+                store.flush()
+                repairer.check()
+                next_check = time.monotonic() + CHECK_S
             if dash is not None:
                 dash.refresh()
             elif now >= next_line:
@@ -367,9 +396,9 @@ def run_mesh(args: argparse.Namespace) -> int:
         # A second Ctrl-C must not abort the shutdown: nodes left running or an unflushed store.
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            for r in readers:
+            for r in readers.values():
                 r.stop()
-            for r in readers:
+            for r in readers.values():
                 r.join(timeout=5)
             if dash is not None:
                 try:
@@ -389,12 +418,187 @@ def run_mesh(args: argparse.Namespace) -> int:
     if store.error is not None:
         raise CanopyError(f"writing {str(db)!r} failed: {store.error}")
     report = build_report(db, collector.summary(), t0=t0, speed=speed, members=zone_members(nodes, zones))
+    report.repairs = repairer.events if repairer is not None else []
     print()
     if interrupted:
         print(f"interrupted after {wall:.1f} s: nodes stopped, everything received is in the database")
     for line in format_report(report, db=db, wall=wall, speed=speed, setpoints=setpoints, injected=injected):
         print(line)
     return 130 if interrupted else 0
+
+
+# -- detection and repair while the demo runs -------------------------------------------
+
+
+def load_readings(db: Path, *, t0: float, speed: float, zone_of: dict[str, str]) -> list[Any]:
+    """Consensus inputs from the database: healthy readings, timed in simulated seconds.
+
+    Consensus windows are in simulated time: the zone's air changes `speed` times
+    faster than the wall clock says, and the fault classes' slew limits are physical."""
+    from .consensus import Reading
+    from .consensus_cmd import STORE_SCALE
+    from .store import iter_frames
+
+    items: list[Any] = []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)
+    try:
+        for row in iter_frames(con, kind="reading"):
+            # Failsafe ticks repeat old values (zeros before the first reading) and a
+            # missing sensor has none: neither is a measurement to vote with.
+            if row["failsafe"] or (row["faults"] or 0) & 1 or row["t"] is None:
+                continue
+            sim_time = (row["rx_time"] - t0) * speed
+            zone = zone_of.get(row["node"], "?")
+            for q, scale in STORE_SCALE.items():
+                if row[q] is not None:
+                    items.append(Reading(row["node"], zone, sim_time, q, row[q] / scale))
+    finally:
+        con.close()
+    return items
+
+
+def zone_verdicts(items: list[Any]) -> list[dict[str, Any]]:
+    from .consensus_cmd import parse_allowances, verdicts
+
+    return [v for v in verdicts(items, window=CONSENSUS_WINDOW_S, allowance=parse_allowances([]), max_faulty=None,
+                                offsets={}, quarantined=[]) if v["quantity"] in ("t", "h", "p")]
+
+
+@dataclass
+class RepairEvent:
+    sim_s: float
+    node: str
+    text: str
+    ok: bool = True
+
+
+class DemoRepair:
+    """The demo's repair policy, on top of `canopy consensus` and `canopy repair`.
+
+    Every CHECK_S wall seconds it judges the complete consensus windows so far. A node
+    with an actionable alarm (drift, stuck, noise, ...) is QUARANTINED (its actuators
+    held at failsafe, the node stays out of the repairs' way) and, where the consensus
+    recommends it, RECALIBRATED with the offset the consensus measured: both through
+    the journaled repair engine, on that node's port only (its monitor reader pauses,
+    the others keep running). A quarantined node whose temperature then agrees with its
+    zone (a truechimer) for RELEASE_AFTER complete windows after the repair is RELEASED.
+    Each node is repaired once per run: the offsets the tracker learns afterwards mix
+    readings from before and after the recalibration."""
+
+    def __init__(self, *, db: Path, shadow_path: Path, state_file: Path, t0: float, speed: float,
+                 zone_of: dict[str, str], pause: Any, resume: Any, say: Any) -> None:
+        self.db = db
+        self.shadow_path = shadow_path
+        self.state_file = state_file
+        self.t0 = t0
+        self.speed = speed
+        self.zone_of = zone_of
+        self.pause, self.resume, self.say = pause, resume, say
+        self.repaired: dict[str, float] = {}  # node -> simulated time of the repair
+        self.released: set[str] = set()
+        self.events: list[RepairEvent] = []
+
+    def sim_now(self) -> float:
+        return (time.time() - self.t0) * self.speed
+
+    def check(self) -> None:
+        now = self.sim_now()
+        complete = [v for v in zone_verdicts(load_readings(self.db, t0=self.t0, speed=self.speed,
+                                                            zone_of=self.zone_of))
+                    if v["window_start"] + CONSENSUS_WINDOW_S <= now]
+        if not complete:
+            return
+        last_ws = max(v["window_start"] for v in complete)
+        latest = [v for v in complete if v["window_start"] == last_ws]
+        for node in sorted(self.zone_of):
+            if node in self.repaired:
+                if node not in self.released:
+                    self._maybe_release(node, complete)
+                continue
+            alarms = [(v, f) for v in latest for n, f in v.get("faults", {}).items()
+                      if n == node and f.get("alarm") and f.get("actionable") and f["class"] != "spike"
+                      and f.get("action", {}).get("kind") in ("recalibrate", "quarantine")]
+            # Temperature is what the node controls on: an alarm there starts the repair;
+            # the other quantities' recommendations of the same window come along (a
+            # BME280's pressure and humidity are compensated with its temperature).
+            if any(v["quantity"] == "t" for v, _ in alarms):
+                self._repair(node, alarms, last_ws)
+
+    def _maybe_release(self, node: str, complete: list[dict[str, Any]]) -> None:
+        after = sorted((v for v in complete if v["quantity"] == "t" and v["zone"] == self.zone_of[node]
+                        and v["window_start"] >= self.repaired[node]), key=lambda v: v["window_start"])
+        run = 0
+        for v in after:
+            run = run + 1 if (v["status"] == "OK" and node in v["truechimers"]) else 0
+        if run >= RELEASE_AFTER:
+            finding = {"node": node, "actionable": True, "action": {"kind": "release"}}
+            states = self._apply(node, [finding])
+            ok = bool(states) and set(states) <= {"VERIFIED"}
+            self._event(node, f"agrees with zone {self.zone_of[node]} again ({run} windows): released "
+                              f"[{', '.join(states) or 'nothing to do'}]", ok)
+            self.released.add(node)
+
+    def _repair(self, node: str, alarms: list[tuple[dict[str, Any], dict[str, Any]]], window: float) -> None:
+        classes = sorted({f"{v['quantity']}:{f['class']}" for v, f in alarms})
+        findings: list[dict[str, Any]] = [{"node": node, "actionable": True, "action": {"kind": "quarantine"}}]
+        what = ["quarantined"]
+        for v, f in alarms:
+            a = f.get("action", {})
+            if a.get("kind") == "recalibrate" and a.get("offset") is not None:
+                findings.append({"node": node, "actionable": True,
+                                 "action": {"kind": "recalibrate", "quantity": v["quantity"], "offset": a["offset"]}})
+                unit = {"t": "°C", "p": "hPa", "h": "%RH"}[v["quantity"]]
+                what.append(f"{v['quantity']} recalibrated by {-float(a['offset']):+.2f} {unit}")
+        self.repaired[node] = window + CONSENSUS_WINDOW_S
+        self._event(node, f"detected ({', '.join(classes)} in the window at {_sim_clock(window)})", True)
+        states = self._apply(node, findings)
+        ok = bool(states) and set(states) <= {"VERIFIED"}
+        self._event(node, f"{', '.join(what)} [{', '.join(states) or 'nothing to do'}]", ok)
+
+    def _event(self, node: str, text: str, ok: bool) -> None:
+        ev = RepairEvent(self.sim_now(), node, text, ok)
+        self.events.append(ev)
+        self.say(f"sim {_sim_clock(ev.sim_s)} {node}: {text}")
+
+    def _apply(self, node: str, findings: list[dict[str, Any]]) -> list[str]:
+        """One journaled repair of one node; returns the final state of each job."""
+        from .repair import Journal, NodeOffline, NodeRefused, RepairEngine, SerialClient, plan, status
+        from .shadow import Shadow
+
+        data: dict[str, Any] = {"config": {}, "nodes": {}}
+        if self.shadow_path.is_file():
+            data = json.loads(self.shadow_path.read_text())
+        # A shadow of this node alone: the planner asks every shadow node for its status,
+        # and the other nodes' ports belong to the monitor.
+        mine = Shadow(dict(data.get("config", {})), {node: dict(data["nodes"].get(node, {}))}, None)
+        self.pause(node)
+        client = SerialClient({node: f"sim:{node}"}, timeout=3.0, state_file=str(self.state_file))
+        journal = None
+        try:
+            try:
+                actual = {node: status(client, node)}
+            except (NodeOffline, NodeRefused):
+                actual = {node: None}
+            p = plan(mine, actual, findings)
+            journal = Journal(self.db)
+            engine = RepairEngine(journal, client, mine)
+            jobs = engine.submit(p)
+            engine.run(deadline_s=REPAIR_DEADLINE_S)
+            ids = {j.id for j in jobs}
+            states = [j.state for j in journal.jobs() if j.id in ids]
+        except CanopyError as exc:
+            self._event(node, f"repair failed: {exc}", False)
+            return ["FAILED"]
+        finally:
+            if journal is not None:
+                journal.close()
+            client.close()
+            self.resume(node)
+        data["nodes"][node] = mine.nodes[node]
+        tmp = self.shadow_path.with_name(self.shadow_path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.shadow_path)
+        return states
 
 
 # -- the summary ------------------------------------------------------------------------
@@ -415,8 +619,6 @@ class NodeReport:
     fault_events: int = 0
     failsafe_events: int = 0
     recovered_events: int = 0
-    last_t: float | None = None
-    last_h: float | None = None
     falseticker_windows: int = 0
     judged_windows: int = 0
     first_flagged: float | None = None  # simulated seconds since the start
@@ -433,13 +635,12 @@ class Report:
     sim_s: float
     # zone -> quantity -> the last OK verdict (value, truechimers, falsetickers, window_start)
     zone_last: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    repairs: list[RepairEvent] = field(default_factory=list)
 
 
 def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
                  members: dict[str, list[str]]) -> Report:
     """Everything the summary says, from the monitor's counters and the database it wrote."""
-    from .consensus_cmd import STORE_SCALE, parse_allowances, verdicts
-    from .consensus import Reading
     from .store import decode_fields, iter_frames
 
     zone_of = {n: z for z, ids in members.items() for n in ids}
@@ -448,7 +649,6 @@ def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
         r = nodes.setdefault(name, NodeReport(name, "?"))
         r.frames, r.readings, r.gaps, r.missing = s["frames"], s["readings"], s["gaps"], s["missing"]
         r.reboots, r.crc_errors, r.disconnects = s["reboots"], s["crc_errors"], s["disconnects"]
-    items: list[Any] = []
     last_rx = t0
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
@@ -466,28 +666,17 @@ def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
         for row in iter_frames(con, kind="reading"):
             r = nodes.setdefault(row["node"], NodeReport(row["node"], "?"))
             last_rx = max(last_rx, row["rx_time"])
-            # Failsafe ticks repeat old values (zeros before the first reading) and a
-            # missing sensor has none: neither is a measurement to vote with.
-            if row["failsafe"] or (row["faults"] or 0) & 1 or row["t"] is None:
-                continue
-            r.last_t, r.last_h = row["t"] / 100, row["h"] / 1024
-            # Consensus windows are in simulated time: the zone's air changes `speed`
-            # times faster than the wall clock says.
-            sim_time = (row["rx_time"] - t0) * speed
-            for q, scale in STORE_SCALE.items():
-                if row[q] is not None:
-                    items.append(Reading(row["node"], r.zone, sim_time, q, row[q] / scale))
     finally:
         con.close()
     zone_windows: Counter[str] = Counter()
     no_quorum: Counter[str] = Counter()
     zone_last: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for v in verdicts(items, window=CONSENSUS_WINDOW_S, allowance=parse_allowances([]), max_faulty=None,
-                      offsets={}, quarantined=[]):
-        if v["quantity"] not in ("t", "h", "p"):
-            continue
+    sim_end = (last_rx - t0) * speed
+    for v in zone_verdicts(load_readings(db, t0=t0, speed=speed, zone_of=zone_of)):
         zone = v["zone"]
-        if v["status"] == "OK" and v["value"] is not None:
+        # The zone's value comes from the last COMPLETE window: the run's last seconds
+        # hold only the readings of whichever nodes were read last.
+        if v["status"] == "OK" and v["value"] is not None and v["window_start"] + CONSENSUS_WINDOW_S <= sim_end:
             zone_last[zone][v["quantity"]] = v
         if v["quantity"] == "t":
             zone_windows[zone] += 1
@@ -507,7 +696,7 @@ def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
                 kind = f.get("action", {}).get("kind")
                 if kind and kind != "none" and f.get("actionable"):
                     nodes[n].actions[kind] += 1
-    return Report(nodes, dict(zone_windows), dict(no_quorum), (last_rx - t0) * speed, dict(zone_last))
+    return Report(nodes, dict(zone_windows), dict(no_quorum), sim_end, dict(zone_last))
 
 
 def _verdict_text(r: NodeReport) -> str:
@@ -586,6 +775,11 @@ def format_report(rep: Report, *, db: Path, wall: float, speed: float, setpoints
             else:
                 lines.append(f"not detected: the sabotaged {node} was never singled out "
                              "(run longer, or with more nodes in its zone)")
+    if rep.repairs:
+        lines += ["", "repair (journaled in the database; simulated time; the monitor lets go of a node's port "
+                      "while it is repaired, so its gaps include the repair):"]
+        for ev in rep.repairs:
+            lines.append(f"  {_sim_clock(ev.sim_s)} {ev.node}: {ev.text}" + ("" if ev.ok else "  <- FAILED"))
     wrongly = [r.node for r in detected if not any(f.text.startswith(r.node + ":") for f in injected)]
     if wrongly:
         lines.append(f"also voted out at times: {' '.join(wrongly)}")
@@ -598,6 +792,8 @@ def format_report(rep: Report, *, db: Path, wall: float, speed: float, setpoints
         f"  canopy plot --db {db} --zone {zone} -o zone-{zone.lower()}.png",
         f"  canopy consensus --db {db} --window {window:g}     # {CONSENSUS_WINDOW_S:g} simulated s per window",
     ]
+    if rep.repairs:
+        lines.append(f"  canopy audit --db {db}")
     return lines
 
 
