@@ -20,8 +20,8 @@ from canopy_host import unixport
 from canopy_host.paths import BOARDS_DIR, FIRMWARE_DIR, micropython_command
 from canopy_host.unixport import compiled_firmware, micropython_env
 
-# The framed node with the repair agent, compiled: smallest heap measured 115k on the
-# 64-bit port (README of the figures: docs/firmware.md). The margin leaves room for the
+# The framed node with the repair agent, compiled: smallest heap measured 116k on the
+# 64-bit port (figures: docs/firmware.md "Memory budget"). The margin leaves room for the
 # link features still being added; the test is about running, not about the number.
 FRAMED_NODE_HEAP = "128k"
 
