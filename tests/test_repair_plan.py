@@ -124,3 +124,23 @@ def test_bad_shadow_files(tmp_path):
     p.write_text(json.dumps({"config": {"bogus": 1}, "nodes": {"n01": {}}}))
     with pytest.raises(CanopyError, match="bogus"):
         load_shadow(p)
+
+
+def test_a_schema_2_monitor_database_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    from canopy_host.store import open_db
+
+    db = tmp_path / "old.db"
+    open_db(db).close()
+    con = sqlite3.connect(db)  # schema 2 = today's schema without the repair tables
+    con.executescript("DROP TABLE repair_jobs; DROP TABLE repair_audit;"
+                      "UPDATE meta SET value='2' WHERE key='schema_version';"
+                      "INSERT INTO frames (rx_time, port, node, boot, seq, kind) VALUES (1, 'p', 'n01', 1, 0, 'hello');")
+    con.commit()
+    con.close()
+    con = open_db(db, create=False)
+    assert con.execute("SELECT value FROM meta").fetchone()[0] == "3"
+    assert con.execute("SELECT node FROM frames").fetchall() == [("n01",)]  # data kept
+    assert con.execute("SELECT COUNT(*) FROM repair_audit").fetchone()[0] == 0
+    con.close()

@@ -475,6 +475,11 @@ class RepairEngine:
         except NodeOffline as exc:
             self._later(job, f"offline: {exc}")
         except NodeRefused as exc:
+            if exc.err == "unknown_cmd":
+                # Firmware without the repair agent: retrying cannot help.
+                self.journal.move(job, "FAILED", error=f"the node does not know {exc.msg or 'the command'} "
+                                                       "(firmware without the repair agent: deploy first)")
+                return
             self._later(job, f"refused: {exc.err} {exc.msg}".strip())
 
     def _simple(self, job: Job, cmd: str, args: dict[str, object], done: Any) -> None:

@@ -216,6 +216,12 @@ def open_db(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
             )
             con.commit()
         row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is not None and row[0] == "2":
+            # 2 -> 3 only adds the repair journal tables: upgrade in place.
+            con.executescript(SCHEMA)
+            con.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            con.commit()
+            row = (str(SCHEMA_VERSION),)
         if row is None or row[0] != str(SCHEMA_VERSION):
             con.close()
             found = "no canopy schema" if row is None else f"schema {row[0]}"
