@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -109,3 +110,30 @@ def test_main_says_when_the_repair_agent_did_not_start(fw: Path, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "canopy: repair agent not started: MemoryError('memory allocation failed',)" in proc.stdout
     assert any(ln.startswith("@CNP1 h03 ") and ln.split()[4] == "R" for ln in proc.stdout.splitlines())
+
+
+# The production link (canopy.link.from_flash: security, mesh radio, repair agent), as
+# `canopy sim --mesh` runs it: measured 131k; margin as for FRAMED_NODE_HEAP.
+FULL_LINK_HEAP = "144k"
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_node_with_security_mesh_and_repair_runs_in_small_heap(fw: Path, tmp_path: Path) -> None:
+    port, peer = _free_udp_port(), _free_udp_port()
+    folder = _node_folder(tmp_path, {"node_id": "h04", "seed": 2, "auth": "dev",
+                                     "mesh": {"port": port, "peers": {"h05": peer}}})
+    code = ("import main\n"
+            "from canopy.link import from_flash\n"
+            "main.make_link = from_flash\n"
+            "main.main()")
+    proc = _run(folder, code, FULL_LINK_HEAP, "frame", 200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not started" not in proc.stdout
+    assert "DEV MODE" in proc.stdout  # the security layer is in (dev mode: no key file)
+    kinds = [ln.split()[4] for ln in proc.stdout.splitlines() if ln.startswith("@CNP1 h04 ")]
+    assert kinds.count("R") >= 190
