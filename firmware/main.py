@@ -185,6 +185,7 @@ def main():
 
         hw = hal.open(board.load())
     except ValueError as e:  # BoardError, or a bad sim.json in the unix port
+        _start_gc(-1)
         print("canopy: cannot start: %s" % e)
         return 2
     board = None
