@@ -28,11 +28,13 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +51,12 @@ BOARD_FILE = "board.json"
 APP_DIRS = ("canopy", "canopy/sim")  # folders whose .py/.mpy the deploy owns
 CHIP_ID = 0x60
 PING_TIMEOUT_S = 20.0
+# pyserial read timeout: without one, mpremote's reads on a pty block forever when a
+# node misses a Ctrl-C or dies mid-command, and its own timeouts never get a say.
+READ_TIMEOUT_S = 1.0
+ENTER_TIMEOUT_S = 5.0
+SCAN_TIMEOUT_S = 30.0
+ACCEPT_TIMEOUT_S = 30.0
 # Plausible ranges: the BME280's operating range, and pressure from ~9 km altitude up.
 T_RANGE = (-4000, 8500)  # 0.01 C
 P_RANGE = (30000, 110000)  # Pa
@@ -232,20 +240,69 @@ def open_transport(port: str) -> Any:
     from mpremote.transport_serial import SerialTransport
 
     try:
-        t = SerialTransport(port, baudrate=115200)
+        t = SerialTransport(port, baudrate=115200, timeout=READ_TIMEOUT_S)
     except (TransportError, OSError, Exception) as exc:  # serial.SerialException included
         raise CanopyError(f"cannot open {port}: {exc}") from exc
     return t
+
+
+@contextlib.contextmanager
+def guarded(t: Any, seconds: float, what: str) -> Iterator[None]:
+    """Give up on `what` after `seconds`: mpremote waits for the REPL's answer as long as
+    bytes keep coming, and a node that rebooted into its app never stops sending frames.
+    Closing the port from a timer makes the blocked read fail; the transport is then done."""
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        try:
+            t.serial.close()
+        except Exception:  # noqa: BLE001 - best effort from another thread
+            pass
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except Exception as exc:
+        if fired.is_set():
+            raise CanopyError(f"{what}: no answer from the node within {seconds:.0f} s "
+                              "(did it reset or lose power?)") from exc
+        raise
+    finally:
+        timer.cancel()
+
+
+def connect(port: str, soft_reset: bool = True, attempts: int = 3) -> Any:
+    """Open `port`, stop the app and enter the raw REPL, retrying with a fresh port: a
+    Ctrl-C that lands while the board is still booting is lost, and mpremote sends one."""
+    last: Exception | None = None
+    for _ in range(attempts):
+        t = open_transport(port)
+        try:
+            with guarded(t, ENTER_TIMEOUT_S, "entering the raw REPL"):
+                t.enter_raw_repl(soft_reset=soft_reset, timeout_overall=ENTER_TIMEOUT_S)
+            return t
+        except Exception as exc:  # noqa: BLE001 - TransportError, closed port, ...
+            last = exc
+            try:
+                t.close()
+            except Exception:  # noqa: BLE001
+                pass
+            time.sleep(0.3)
+    raise CanopyError(f"the node on {port} does not answer in the raw REPL ({str(last).strip()[:120]}); "
+                      "is MicroPython flashed and the port right?")
 
 
 def _enter_raw(t: Any, soft_reset: bool) -> None:
     from mpremote.transport import TransportError
 
     try:
-        t.enter_raw_repl(soft_reset=soft_reset)
+        with guarded(t, 2 * ENTER_TIMEOUT_S, "entering the raw REPL"):
+            t.enter_raw_repl(soft_reset=soft_reset, timeout_overall=ENTER_TIMEOUT_S)
     except TransportError as exc:
-        raise CanopyError(f"the node on {t.device_name} does not answer in the raw REPL ({exc}); "
-                          "is MicroPython flashed and the port right?") from exc
+        raise CanopyError(f"the node on {t.device_name} does not answer in the raw REPL ({exc})") from exc
 
 
 def scan_node(t: Any, bundle: Bundle) -> dict[str, Any]:
@@ -255,15 +312,16 @@ def scan_node(t: Any, bundle: Bundle) -> dict[str, Any]:
 def sync_files(t: Any, bundle: Bundle, report: NodeReport, progress: Progress) -> None:
     """Copy what differs by hash, remove stale app files, verify."""
     progress.stage("hashing")
-    scan = scan_node(t, bundle)
+    with guarded(t, SCAN_TIMEOUT_S, "hashing the files on the node"):
+        scan = scan_node(t, bundle)
     on_node = scan["hashes"]
     todo = [f for f in bundle.files if on_node.get(f.path) != f.sha256]
     report.unchanged = len(bundle.files) - len(todo)
     stale = sorted(p for p in scan["files"] if p not in bundle.paths and p.endswith((".py", ".mpy", ".part")))
-    for p in stale:
-        t.fs_rmfile(p)
-        report.removed.append(p)
-    if todo:
+    with guarded(t, SCAN_TIMEOUT_S, "removing stale files"):
+        for p in stale:
+            t.fs_rmfile(p)
+            report.removed.append(p)
         for d in APP_DIRS:
             if any(f.path.startswith(d + "/") for f in todo) and not t.fs_exists(d):
                 t.fs_mkdir(d)
@@ -276,11 +334,13 @@ def sync_files(t: Any, bundle: Bundle, report: NodeReport, progress: Progress) -
             progress.advance(done - last[0])
             last[0] = done
 
-        _prov.write_file_atomic(t, f.path, f.data, cb)
+        with guarded(t, 10 + len(f.data) / 2000, f"copying {f.path}"):
+            _prov.write_file_atomic(t, f.path, f.data, cb)
         report.copied.append(f.path)
         report.bytes_copied += len(f.data)
     progress.stage("verifying")
-    after = scan_node(t, bundle)["hashes"]
+    with guarded(t, SCAN_TIMEOUT_S, "verifying the copy"):
+        after = scan_node(t, bundle)["hashes"]
     bad = [f.path for f in bundle.files if after.get(f.path) != f.sha256]
     if bad:
         raise CanopyError(f"after copying, {len(bad)} file(s) still differ on the node: {', '.join(bad[:5])}")
@@ -288,7 +348,8 @@ def sync_files(t: Any, bundle: Bundle, report: NodeReport, progress: Progress) -
 
 
 def acceptance(t: Any, report: NodeReport) -> bool:
-    r = _prov.run_json(t, _ACCEPT, "the acceptance test")
+    with guarded(t, ACCEPT_TIMEOUT_S, "the acceptance test"):
+        r = _prov.run_json(t, _ACCEPT, "the acceptance test")
     report.acceptance = r
     problems = []
     if r.get("chip_id") != CHIP_ID:
@@ -350,15 +411,16 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
     t = None
     try:
         progress.stage("connecting")
-        t = open_transport(port)
-        _enter_raw(t, soft_reset=True)  # a fresh interpreter, the app's loop not running
-        facts = _prov.read_facts(t)
+        t = connect(port, soft_reset=True)  # a fresh interpreter, the app's loop not running
+        with guarded(t, SCAN_TIMEOUT_S, "reading the node's MAC"):
+            facts = _prov.read_facts(t)
         report.mac = facts.mac
         sync_files(t, bundle, report, progress)
         progress.stage("provisioning")
-        prov = _prov.provision_node(t, board.name, master, zone=zone, node_id=node_id,
-                                    registry_path=registry_path, usb_serial=usb_serial,
-                                    location=location, facts=facts)
+        with guarded(t, SCAN_TIMEOUT_S, "provisioning"):
+            prov = _prov.provision_node(t, board.name, master, zone=zone, node_id=node_id,
+                                        registry_path=registry_path, usb_serial=usb_serial,
+                                        location=location, facts=facts)
         report.node_id, report.provisioned = prov.node_id, True
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         _registry.update_locked(registry_path, prov.node_id, app_hash=bundle.app_hash, flashed=True,
@@ -386,8 +448,11 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
                                     healthy_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                     problems=report.problems or None)
         progress.stage("healthy" if report.healthy else ("flashed" if report.flashed else "failed"))
-    except (CanopyError, TransportError, OSError) as exc:
-        report.error = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - serial/struct/transport trouble: one node's report
+        text = str(exc).strip()
+        report.error = text.splitlines()[-1] if text else type(exc).__name__
+        if not isinstance(exc, (CanopyError, TransportError, OSError)):
+            report.error = f"{type(exc).__name__}: {report.error} (the link to the node broke mid-command)"
         progress.stage("failed")
     finally:
         if t is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import registry
 from .boards import load_board
-from .deploy import _enter_raw, open_transport
+from .deploy import SCAN_TIMEOUT_S, connect, guarded
 from .errors import CanopyError
 from .provision import load_master_key, provision_node, read_facts
 from .transport import resolve_port
@@ -71,16 +71,17 @@ def run(args: argparse.Namespace) -> int:
     reg = registry.Registry.load(args.registry, strict=True)
     master = load_master_key(args.master_key)
     serial_no, location = _usb_info(port)
-    t = open_transport(port)
+    t = connect(port, soft_reset=False)
     try:
-        _enter_raw(t, soft_reset=False)
-        facts = read_facts(t)
+        with guarded(t, SCAN_TIMEOUT_S, "reading the node's MAC"):
+            facts = read_facts(t)
         board = args.board or reg.nodes.get(reg.by_mac(facts.mac) or "", {}).get("board")
         if not board:
             raise CanopyError(f"new board (MAC {facts.mac}): say which it is with --board")
-        result = provision_node(t, board, master, zone=args.zone, node_id=args.node_id,
-                                registry_path=args.registry, usb_serial=args.usb_serial or serial_no,
-                                location=location, facts=facts)
+        with guarded(t, SCAN_TIMEOUT_S, "provisioning"):
+            result = provision_node(t, board, master, zone=args.zone, node_id=args.node_id,
+                                    registry_path=args.registry, usb_serial=args.usb_serial or serial_no,
+                                    location=location, facts=facts)
     finally:
         try:
             t.exit_raw_repl()
