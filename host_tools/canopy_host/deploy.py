@@ -56,6 +56,8 @@ PING_TIMEOUT_S = 20.0
 READ_TIMEOUT_S = 1.0
 ENTER_TIMEOUT_S = 5.0
 SCAN_TIMEOUT_S = 30.0
+# Per 1 KB chunk (~4 KB of repr() on the wire: 0.35 s at 115200 baud), not per file.
+COPY_IDLE_S = 5.0
 ACCEPT_TIMEOUT_S = 30.0
 # Plausible ranges: the BME280's operating range, and pressure from ~9 km altitude up.
 T_RANGE = (-4000, 8500)  # 0.01 C
@@ -246,43 +248,61 @@ def open_transport(port: str) -> Any:
     return t
 
 
+class _Guard:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    def kick(self) -> None:
+        """Progress was made: the time limit starts again."""
+        self.deadline = time.monotonic() + self.seconds
+
+
 @contextlib.contextmanager
-def guarded(t: Any, seconds: float, what: str) -> Iterator[None]:
-    """Give up on `what` after `seconds`: mpremote waits for the REPL's answer as long as
-    bytes keep coming, and a node that rebooted into its app never stops sending frames.
-    Closing the port from a timer makes the blocked read fail; the transport is then done."""
+def guarded(t: Any, seconds: float, what: str) -> Iterator[_Guard]:
+    """Give up on `what` after `seconds` without progress (see `_Guard.kick`): mpremote
+    waits for the REPL's answer as long as bytes keep coming, and a node that rebooted
+    into its app never stops sending frames. Closing the port makes the blocked read
+    fail; the transport is then done."""
+    guard = _Guard(seconds)
     fired = threading.Event()
+    done = threading.Event()
 
-    def fire() -> None:
-        fired.set()
-        try:
-            t.serial.close()
-        except Exception:  # noqa: BLE001 - best effort from another thread
-            pass
+    def watch() -> None:
+        while not done.wait(max(0.0, min(0.2, guard.deadline - time.monotonic()))):
+            if time.monotonic() >= guard.deadline:
+                fired.set()
+                try:
+                    t.serial.close()
+                except Exception:  # noqa: BLE001 - best effort from another thread
+                    pass
+                return
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
+    watcher = threading.Thread(target=watch, name="deploy-watchdog", daemon=True)
+    watcher.start()
     try:
-        yield
+        yield guard
     except Exception as exc:
         if fired.is_set():
             raise CanopyError(f"{what}: no answer from the node within {seconds:.0f} s "
                               "(did it reset or lose power?)") from exc
         raise
     finally:
-        timer.cancel()
+        done.set()
+        watcher.join()
 
 
 def connect(port: str, soft_reset: bool = True, attempts: int = 3) -> Any:
     """Open `port`, stop the app and enter the raw REPL, retrying with a fresh port: a
     Ctrl-C that lands while the board is still booting is lost, and mpremote sends one."""
     last: Exception | None = None
-    for _ in range(attempts):
+    for k in range(attempts):
+        # Short first try (a lost Ctrl-C is the usual failure), longer ones after it.
+        limit = ENTER_TIMEOUT_S if k else 2.5
         t = open_transport(port)
         try:
-            with guarded(t, ENTER_TIMEOUT_S, "entering the raw REPL"):
-                t.enter_raw_repl(soft_reset=soft_reset, timeout_overall=ENTER_TIMEOUT_S)
+            with guarded(t, limit, "entering the raw REPL"):
+                t.enter_raw_repl(soft_reset=soft_reset, timeout_overall=limit)
             return t
         except Exception as exc:  # noqa: BLE001 - TransportError, closed port, ...
             last = exc
@@ -326,18 +346,20 @@ def sync_files(t: Any, bundle: Bundle, report: NodeReport, progress: Progress) -
             if any(f.path.startswith(d + "/") for f in todo) and not t.fs_exists(d):
                 t.fs_mkdir(d)
     progress.total(sum(len(f.data) for f in todo))
-    for f in todo:
-        progress.stage(f"copying {f.path}")
-        last = [0]
+    with guarded(t, COPY_IDLE_S, "copying") as guard:
+        for f in todo:
+            progress.stage(f"copying {f.path}")
+            last = [0]
 
-        def cb(done: int, size: int, last: list[int] = last) -> None:
-            progress.advance(done - last[0])
-            last[0] = done
+            def cb(done: int, size: int, last: list[int] = last) -> None:
+                guard.kick()
+                progress.advance(done - last[0])
+                last[0] = done
 
-        with guarded(t, 10 + len(f.data) / 2000, f"copying {f.path}"):
             _prov.write_file_atomic(t, f.path, f.data, cb)
-        report.copied.append(f.path)
-        report.bytes_copied += len(f.data)
+            guard.kick()
+            report.copied.append(f.path)
+            report.bytes_copied += len(f.data)
     progress.stage("verifying")
     with guarded(t, SCAN_TIMEOUT_S, "verifying the copy"):
         after = scan_node(t, bundle)["hashes"]
