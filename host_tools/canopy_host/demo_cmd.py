@@ -476,7 +476,9 @@ class DemoRepair:
     """The demo's repair policy, on top of `canopy consensus` and `canopy repair`.
 
     Every CHECK_S wall seconds it judges the complete consensus windows so far. A node
-    with an actionable alarm (drift, stuck, noise, ...) is QUARANTINED (its actuators
+    with an actionable temperature alarm (drift, stuck, noise, ...) in the latest window
+    that is also measurably wrong there (voted out, or off from the zone's value by at
+    least the BME280's 1 °C accuracy) is QUARANTINED (its actuators
     held at failsafe, the node stays out of the repairs' way) and, where the consensus
     recommends it, RECALIBRATED with the offset the consensus measured: both through
     the journaled repair engine, on that node's port only (its monitor reader pauses,
@@ -520,8 +522,16 @@ class DemoRepair:
             # Temperature is what the node controls on: an alarm there starts the repair;
             # the other quantities' recommendations of the same window come along (a
             # BME280's pressure and humidity are compensated with its temperature).
-            if any(v["quantity"] == "t" for v, _ in alarms):
-                self._repair(node, alarms, last_ws, self._t_error(node, latest, items, last_ws))
+            if not any(v["quantity"] == "t" for v, _ in alarms):
+                continue
+            # ... and only when the node is measurably wrong: voted out, or off by more
+            # than the sensor's accuracy. A class alone (a noise or drift score) on a
+            # node that agrees within the datasheet's accuracy is not worth taking its
+            # actuators away.
+            error = self._t_error(node, latest, items, last_ws)
+            voted_out = any(v["quantity"] == "t" and node in v["falsetickers"] for v in latest)
+            if voted_out or (error is not None and abs(error) >= QUANTITIES_T_ACCURACY):
+                self._repair(node, alarms, last_ws, error)
 
     def _maybe_release(self, node: str, complete: list[dict[str, Any]]) -> None:
         after = sorted((v for v in complete if v["quantity"] == "t" and v["zone"] == self.zone_of[node]
