@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import random
+import json
+import os
 import socket
 from pathlib import Path
 
@@ -121,3 +122,79 @@ def test_packets_never_exceed_250_bytes() -> None:
     """Mesh.send refuses a line that would not fit one ESP-NOW packet with its TTL byte."""
     res = call_batch("mesh_harness", "packet_limits", [[]], extra_path=[MPY_TEST_DIR])[0]
     assert res == [True, False, 250]
+
+
+def test_delay_holds_packets_for_simulated_time(tmp_path: Path) -> None:
+    """2.5 simulated seconds at the gateway's radio: n02's reading of tick k (sent at
+    k s) is handed over at the first service at or after k + 2.5 s."""
+    def n02_ticks(rounds: int) -> list[int]:
+        res = _line(tmp_path, [["pump", rounds]], n01={"delay_ms": 2500})
+        return sorted(f.fields["tick"] for f in _gateway_frames(res) if f.kind == "reading" and f.node == "n02")
+
+    assert n02_ticks(3) == []
+    assert n02_ticks(6) == [1, 2, 3]
+
+
+_PROC_NODE = """
+import json
+from canopy import board, config, hal
+from canopy.link import from_flash
+from canopy.node import Node
+import main
+sim = json.load(open("sim.json"))
+hw = hal.open(board.load("unix-sim"), sim)
+node = Node(hw, config.merged(), boot_id=sim["boot"])
+main.loop(node, from_flash(node, repair=False), sim["run_ms"])
+"""
+
+
+def test_two_real_node_processes_gateway_and_remote(tmp_path: Path) -> None:
+    """The production path: two unix-port processes, each the real Node with the Link
+    from canopy.link.from_flash (key file + sim.json mesh section)."""
+    import subprocess
+    import time
+
+    from canopy_host.paths import micropython_command
+    from canopy_host.unixport import micropython_env
+
+    pa, pb = _ports(2)
+    procs = {}
+    for nid, port, peer, gw in (("n12", pb, ("n11", pa), False), ("n11", pa, ("n12", pb), True)):
+        folder = tmp_path / nid
+        folder.mkdir()
+        (folder / "canopy_key.json").write_text(hs.key_file_text(hs.derive_node_key(MASTER, nid), nid))
+        sim = {"node_id": nid, "seed": 1, "speed": 20, "boot": 3, "run_ms": 400000,
+               "mesh": {"port": port, "peers": {peer[0]: peer[1]}, "gateway": gw}}
+        (folder / "sim.json").write_text(json.dumps(sim))
+        procs[nid] = subprocess.Popen(micropython_command() + ["-c", _PROC_NODE], cwd=folder,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env=micropython_env())
+    gw = procs["n11"]
+    parser = FrameParser()
+    frames = []
+    sent = False
+    deadline = time.monotonic() + 40
+    try:
+        os.set_blocking(gw.stdout.fileno(), False)
+        while time.monotonic() < deadline:
+            chunk = gw.stdout.read(4096)
+            if chunk:
+                frames += parser.feed(chunk)
+            if not sent and any(f.node == "n12" for f in frames):
+                gw.stdin.write(hs.tag_command(hs.derive_node_key(MASTER, "n12"), "n12", 1, "status"))
+                gw.stdin.flush()
+                sent = True
+            if any(f.node == "n12" and f.kind == "reply" for f in frames):
+                break
+            time.sleep(0.02)
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    reply = [f for f in frames if f.node == "n12" and f.kind == "reply"]
+    assert sent and reply, (parser.text_lines[-5:], procs["n12"].stderr.read()[-500:])
+    assert reply[0].fields["re"] == 1 and reply[0].fields["auth"] == "strict"
+    ver = hs.FrameVerifier.from_master(MASTER, ["n11", "n12"])
+    verdicts = {ver.verify(f) for f in frames}
+    assert verdicts == {"ok"}
+    assert {f.node for f in frames if f.kind == "reading"} == {"n11", "n12"}
