@@ -198,3 +198,11 @@ def test_two_real_node_processes_gateway_and_remote(tmp_path: Path) -> None:
     verdicts = {ver.verify(f) for f in frames}
     assert verdicts == {"ok"}
     assert {f.node for f in frames if f.kind == "reading"} == {"n11", "n12"}
+
+
+def test_espnow_radio_against_a_fake_espnow_module() -> None:
+    """EspNowRadio uses the MicroPython espnow calls (broadcast peer, send, any, irecv);
+    on one shared 'air' every node hears the frame once, relays it once, drops echoes."""
+    counts, relayed, dups, first = call_batch("mesh_harness", "espnow_relay", [[]], extra_path=[MPY_TEST_DIR])[0]
+    assert counts == [0, 1, 1] and first == "@CNP1 n0 1 0 E code=boot arg=1 *00000001"
+    assert relayed == [0, 1, 1] and dups[0] == 2

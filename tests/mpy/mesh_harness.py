@@ -160,3 +160,75 @@ def packet_limits():
     ok = body[:249 - 10] + b" *00000000"  # 249 bytes + LF: the largest frame
     too = body[:250 - 10] + b" *00000000"
     return [m.send(ok + b"\n", len(ok) + 1), m.send(too + b"\n", len(too) + 1), max(r.sizes)]
+
+
+class _FakeESPNow:
+    """Records calls the way MicroPython's espnow.ESPNow takes them; one shared air."""
+
+    air = []
+
+    def __init__(self):
+        self.peers = []
+        self.on = False
+        self.mac = b"\x02\x00\x00\x00\x00%c" % (len(_FakeESPNow.air) + 1)
+        self.inbox = []
+        _FakeESPNow.air.append(self)
+
+    def active(self, flag):
+        self.on = flag
+
+    def add_peer(self, mac):
+        if mac in self.peers:
+            raise OSError("exists")
+        self.peers.append(mac)
+
+    def send(self, mac, msg, sync=True):
+        assert self.on and mac in self.peers and len(msg) <= 250
+        for other in _FakeESPNow.air:
+            if other is not self:
+                other.inbox.append((self.mac, bytes(msg)))
+
+    def any(self):
+        return bool(self.inbox)
+
+    def irecv(self, timeout_ms=None):
+        return self.inbox.pop(0) if self.inbox else (None, None)
+
+
+class _FakeWLAN:
+    def __init__(self, _iface):
+        pass
+
+    def active(self, flag):
+        pass
+
+
+class _Namespace:
+    pass
+
+
+def espnow_relay():
+    """Three EspNowRadio meshes on a fake `espnow`: a frame from the first crosses."""
+    import sys
+
+    fake_espnow = _Namespace()
+    fake_espnow.ESPNow = _FakeESPNow
+    fake_network = _Namespace()
+    fake_network.WLAN = _FakeWLAN
+    fake_network.STA_IF = 0
+    sys.modules["espnow"] = fake_espnow
+    sys.modules["network"] = fake_network
+    from canopy.mesh import EspNowRadio
+
+    _FakeESPNow.air = []
+    meshes = [Mesh("n%d" % i, EspNowRadio(), 2) for i in range(3)]
+    got = [[], [], []]
+    line = b"@CNP1 n0 1 0 E code=boot arg=1 *00000001\n"
+    meshes[0].send(line, len(line))
+    for _ in range(3):
+        for i in (1, 2, 0):
+            meshes[i].poll(0, lambda b, s, e, i=i: got[i].append(bytes(b[s:e])) and False)
+    del sys.modules["espnow"]
+    del sys.modules["network"]
+    return [[len(g) for g in got], [m.relayed for m in meshes], [m.duplicates for m in meshes],
+            got[1][0].decode() if got[1] else None]
