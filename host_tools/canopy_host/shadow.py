@@ -27,9 +27,11 @@ Usage::
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -45,14 +47,24 @@ DEFAULT_SHADOW = Path("var/shadow.json")
 
 @lru_cache(maxsize=1)
 def firmware_config() -> ModuleType:
-    """The node's canopy/config.py, run under CPython (it is plain Python)."""
-    path = FIRMWARE_DIR / "canopy" / "config.py"
-    spec = importlib.util.spec_from_file_location("canopy_fw_config", path)
-    if spec is None or spec.loader is None:
-        raise CanopyError(f"cannot load the firmware config module {path}")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The node's canopy/config.py, run under CPython (it is plain Python).
+
+    The firmware package is registered as `canopy` (its modules import each other by that
+    name, e.g. config -> configdigest); host code never uses that name otherwise.
+    """
+    pkg_dir = FIRMWARE_DIR / "canopy"
+    pkg = sys.modules.get("canopy")
+    if pkg is None:
+        spec = importlib.util.spec_from_file_location("canopy", pkg_dir / "__init__.py",
+                                                      submodule_search_locations=[str(pkg_dir)])
+        if spec is None or spec.loader is None:
+            raise CanopyError(f"cannot load the firmware package {pkg_dir}")
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["canopy"] = pkg
+        spec.loader.exec_module(pkg)
+    elif Path(next(iter(getattr(pkg, "__path__", [""])), "")).resolve() != pkg_dir.resolve():
+        raise CanopyError(f"another module named 'canopy' is loaded ({pkg}); cannot load {pkg_dir}")
+    return importlib.import_module("canopy.config")
 
 
 @dataclass(frozen=True)
