@@ -36,6 +36,12 @@ from canopy_host.sim import SimConfig, Supervisor
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="virtual nodes need Linux ptys")
 
 MASTER = bytes(range(32))
+
+
+@pytest.fixture(autouse=True)
+def _private_counter(tmp_path: Path, monkeypatch) -> None:
+    # The authenticated ping draws host command counters; keep them out of the repo's var/.
+    monkeypatch.setattr(deploy, "DEFAULT_COUNTER_FILE", tmp_path / "counter.json")
 MPY_ARCH_CODE = {"xtensawin": 10, "rv32imc": 11}
 
 
@@ -119,7 +125,8 @@ def test_first_deploy_copies_all_provisions_and_is_healthy(sup, tmp_path: Path) 
     board = load_board("unix-sim")
     bundle = deploy.build_bundle(board)
     reg_path = tmp_path / "nodes.json"
-    r = deploy.deploy_node(node.port, board, bundle, MASTER, zone="A", registry_path=reg_path)
+    r = deploy.deploy_node(node.port, board, bundle, MASTER, zone="A", registry_path=reg_path,
+                           counter_file=tmp_path / "counter.json")
     assert r.error is None, r
     assert r.flashed and r.provisioned and r.healthy, r.problems
     assert sorted(r.copied) == sorted(bundle.paths) and r.unchanged == 0
@@ -131,12 +138,13 @@ def test_first_deploy_copies_all_provisions_and_is_healthy(sup, tmp_path: Path) 
     assert r.acceptance["ticks"] >= 1 and r.acceptance["readings"] >= 1
     # ping: the app restarted from the deployed files and answered a status command
     assert r.ping["answered"] and r.ping["node_id"] == node.node_id == r.node_id
-    assert r.ping["fw_hash"] == bundle.app_hash[:16]
+    assert bundle.app_hash.startswith(r.ping["fw_hash"])  # the deployed copy runs (hello caps it)
+    assert r.ping["tagged"]  # the ping carried an HMAC tag under the freshly provisioned key
     # identity and key on the node
     ident = json.loads((node.folder / "identity.json").read_text())
     assert ident["node_id"] == node.node_id and ident["zone"] == "A"
     key = hmac.new(MASTER, b"canopy/node-key/v1/" + node.node_id.encode(), hashlib.sha256).digest()
-    assert bytes.fromhex(_key_file(node.folder)["key"]) == key
+    assert _key_file(node.folder) == {"v": 1, "node_id": node.node_id, "key": key.hex()}
     # registry: MAC -> id, flashed and healthy recorded separately
     reg = Registry.load(reg_path)
     assert reg.by_mac(sim_mac(node.node_id)) == node.node_id

@@ -36,6 +36,12 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="virtual nodes n
 FAST = 2_000_000
 
 
+@pytest.fixture(autouse=True)
+def _private_counter(tmp_path: Path, monkeypatch) -> None:
+    # The authenticated ping draws host command counters; keep them out of the repo's var/.
+    monkeypatch.setattr(deploy, "DEFAULT_COUNTER_FILE", tmp_path / "counter.json")
+
+
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     rc = cli.main(list(argv))
     out, err = capsys.readouterr()

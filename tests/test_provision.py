@@ -21,7 +21,7 @@ from canopy_host.deploy import connect
 from canopy_host.errors import CanopyError
 from canopy_host.provision import provision_node, read_facts, sim_mac
 from canopy_host.registry import Registry, normalise_mac
-from canopy_host.security import KEY_FILE_NAME
+from canopy_host.security import KEY_FILE_NAME, read_key_file
 from canopy_host.sim import SimConfig, Supervisor
 
 MASTER = b"\x5a" * 32
@@ -120,12 +120,14 @@ def test_provision_writes_identity_and_key_and_registers_mac(sup, env: Path, cap
     ident = json.loads((node.folder / "identity.json").read_text())
     keyf = json.loads((node.folder / KEY_FILE_NAME).read_text())
     want = hmac.new(MASTER, b"canopy/node-key/v1/" + node.node_id.encode(), hashlib.sha256).digest()
-    assert bytes.fromhex(keyf["key"]) == want and keyf["node_id"] == node.node_id
-    assert ident == {"version": 1, "node_id": node.node_id, "zone": "A", "key_id": keyf["key_id"]}
+    assert keyf == {"v": 1, "node_id": node.node_id, "key": want.hex()}  # docs/security.md format
+    assert read_key_file(node.folder / KEY_FILE_NAME) == (node.node_id, want)  # the security module's reader
+    kid = hashlib.sha256(want).hexdigest()[:16]
+    assert ident == {"version": 1, "node_id": node.node_id, "zone": "A", "key_id": kid}
     reg = Registry.load(env)
     assert reg.by_mac(doc["mac"]) == node.node_id
     rec = reg.nodes[node.node_id]
-    assert rec["board"] == "unix-sim" and rec["zone"] == "A" and rec["key_id"] == keyf["key_id"]
+    assert rec["board"] == "unix-sim" and rec["zone"] == "A" and rec["key_id"] == kid
     assert MASTER.hex() not in env.read_text() and keyf["key"] not in env.read_text()  # no secrets
     # Again, without --board/--zone: the MAC says who it is, zone kept.
     rc, doc2, err = _provision(capsys, "--port", node.port)
@@ -175,6 +177,7 @@ def test_new_board_gets_the_requested_id(sup, tmp_path: Path) -> None:
         t.exit_raw_repl()
         t.close()
     assert res.node_id == "bench7" and not res.was_known
+    assert res.warning and node.node_id in res.warning  # the app calls itself by its own id
     assert json.loads((node.folder / "identity.json").read_text())["node_id"] == "bench7"
     assert Registry.load(tmp_path / "r.json").by_mac(sim_mac(node.node_id)) == "bench7"
 

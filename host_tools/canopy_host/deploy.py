@@ -45,6 +45,7 @@ from . import registry as _registry
 from .boards import Board
 from .errors import CanopyError
 from .paths import FIRMWARE_DIR, mpy_cross_command
+from .security import DEFAULT_COUNTER_FILE, derive_node_key
 
 FW_HASH_FILE = "canopy/fw_hash.py"
 BOARD_FILE = "board.json"
@@ -220,6 +221,7 @@ class NodeReport:
     acceptance: dict[str, Any] = field(default_factory=dict)
     ping: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
 
@@ -389,9 +391,12 @@ def acceptance(t: Any, report: NodeReport) -> bool:
     return not problems
 
 
-def ping(port: str, node_id: str | None, app_hash: str | None, timeout: float = PING_TIMEOUT_S) -> dict[str, Any]:
-    """Link-level ping: wait for the running app's hello, send `status`, wait for its reply."""
+def ping(port: str, node_id: str | None, app_hash: str | None, key: bytes | None = None,
+         counter: Any = None, timeout: float = PING_TIMEOUT_S) -> dict[str, Any]:
+    """Link-level ping: wait for the running app's hello, send `status` (tagged with the
+    node key when given: a provisioned node is strict, docs/security.md), wait for its reply."""
     from .protocol import FrameParser, encode_command
+    from .security import tag_command
     from .transport import open_port
 
     result: dict[str, Any] = {"kind": "link", "answered": False}
@@ -399,21 +404,28 @@ def ping(port: str, node_id: str | None, app_hash: str | None, timeout: float = 
     deadline = time.monotonic() + timeout
     sent_at = None
     with open_port(port, timeout=0.1) as ser:
-        counter = int(time.time()) % 1_000_000_000
         while time.monotonic() < deadline:
             for fr in parser.feed(ser.read(4096)):
                 if fr.kind == "hello" and "node_id" not in result:
                     result.update(node_id=fr.node, boot=fr.boot, fw_hash=fr.fields.get("fw_hash"),
                                   board=fr.fields.get("board"))
-                    ser.write(encode_command(fr.node, counter, "status"))
+                    if key is not None and counter is not None:
+                        line = tag_command(key, fr.node, counter.next(), "status")
+                        result["tagged"] = True
+                    else:
+                        line = encode_command(fr.node, int(time.time()) % 1_000_000_000, "status")
+                    ser.write(line)
                     sent_at = time.monotonic()
+                elif fr.kind == "error" and sent_at is not None and "refused" not in result:
+                    result["refused"] = fr.fields.get("err") or fr.fields.get("code")
                 elif fr.kind == "reply" and fr.fields.get("cmd") == "status" and sent_at is not None:
                     result.update(answered=True, rtt_ms=round((time.monotonic() - sent_at) * 1000, 1),
-                                  tick=fr.fields.get("tick"))
+                                  tick=fr.fields.get("tick"), auth=fr.fields.get("auth"))
                     break
             if result["answered"]:
                 break
-    if app_hash and result.get("fw_hash") not in (None, app_hash[:16]):
+    if app_hash and result.get("fw_hash") not in (None, app_hash[:16]) \
+            and not app_hash.startswith(str(result.get("fw_hash"))):
         result["fw_hash_mismatch"] = True
     if node_id and result.get("node_id") not in (None, node_id):
         result["node_id_mismatch"] = True
@@ -423,7 +435,7 @@ def ping(port: str, node_id: str | None, app_hash: str | None, timeout: float = 
 def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone: str | None = None,
                 node_id: str | None = None, registry_path: Path | None = None, check: bool = True,
                 progress: Progress | None = None, usb_serial: str | None = None,
-                location: str | None = None) -> NodeReport:
+                location: str | None = None, counter_file: Path | None = None) -> NodeReport:
     """Deploy to one port; never raises for node trouble, the report says what happened."""
     from mpremote.transport import TransportError
 
@@ -444,6 +456,8 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
                                         registry_path=registry_path, usb_serial=usb_serial,
                                         location=location, facts=facts)
         report.node_id, report.provisioned = prov.node_id, True
+        if prov.warning:
+            report.warnings.append(prov.warning)
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         _registry.update_locked(registry_path, prov.node_id, app_hash=bundle.app_hash, flashed=True,
                                 flashed_at=now, healthy=False)
@@ -457,9 +471,18 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
             time.sleep(0.2)
             t.close()
             t = None
-            report.ping = ping(port, prov.node_id, bundle.app_hash)
+            from .security import CommandCounter
+
+            report.ping = ping(port, prov.node_id, bundle.app_hash,
+                               key=derive_node_key(master, prov.node_id),
+                               counter=CommandCounter(counter_file or DEFAULT_COUNTER_FILE))
             if not report.ping.get("answered"):
-                report.problems.append("the node did not answer a status ping after reset")
+                why = f" (refused: {report.ping['refused']})" if report.ping.get("refused") else ""
+                report.problems.append(f"the node did not answer a status ping after reset{why}")
+                ok = False
+            if report.ping.get("node_id_mismatch"):
+                report.problems.append(f"the running app calls itself {report.ping.get('node_id')}, "
+                                       f"provisioned as {prov.node_id}")
                 ok = False
             if report.ping.get("fw_hash_mismatch"):
                 report.problems.append(f"the running app reports fw_hash {report.ping.get('fw_hash')}, "

@@ -50,6 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry", type=Path, help="node registry file (default $CANOPY_REGISTRY or ~/.config/canopy/nodes.json)")
     p.add_argument("--master-key", type=Path, metavar="FILE",
                    help="mesh master key file (default $CANOPY_MASTER_KEY_FILE or ~/.config/canopy/mesh_master.key; created if missing)")
+    p.add_argument("--counter-file", type=Path, metavar="FILE",
+                   help="persisted host command counter for the authenticated ping (default var/security/counter.json)")
     p.add_argument("--sim-state", metavar="FILE", help="`canopy sim` state file for sim:NODE ports and --all with unix-sim")
     p.add_argument("--firmware-dir", type=Path, default=FIRMWARE_DIR, help=argparse.SUPPRESS)
     p.add_argument("--report", type=Path, metavar="FILE", help="also write the JSON report to FILE")
@@ -101,6 +103,8 @@ def _summary(console: Console, reports: list[deploy.NodeReport]) -> None:
             console.print(f"[yellow]flashed[/yellow]  {r.port}: {what}; NOT healthy: {why}")
         else:
             console.print(f"[red]failed[/red]   {r.port}: {r.error}")
+        for w in r.warnings:
+            console.print(f"         warning: {w}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     master = load_master_key(args.master_key)
     console = Console(stderr=True)
     kw = dict(zone=args.zone, node_id=args.node_id, registry_path=args.registry, check=not args.no_check,
-              firmware_dir=args.firmware_dir)
+              firmware_dir=args.firmware_dir, counter_file=args.counter_file)
     if args.quiet:
         reports = deploy.deploy_nodes(ports, board, master, **kw)
     else:

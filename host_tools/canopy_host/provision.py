@@ -6,11 +6,16 @@ node), picks the node id (the one the registry has for that MAC, else the one as
 for, else the id a virtual node's sim.json gives, else the next free `nNN`), then
 writes two files to the node's flash root:
 
-- ``identity.json``: ``{"version": 1, "node_id": "n01", "zone": "A", "key_id": "..."}``
-- the key file (``canopy_key.json``, name from `canopy_host.security`):
-  ``{"version": 1, "node_id": "n01", "key": "<64 hex>", "key_id": "<16 hex>"}``, the
-  node key ``derive_node_key(master, node_id)``; ``key_id`` (first 8 bytes of
-  sha256(key), hex) names the key in the registry without revealing it.
+- ``identity.json``: ``{"version": 1, "node_id": "n01", "zone": "A", "key_id": "..."}``;
+  ``key_id`` (first 8 bytes of sha256(key), hex) names the key in the registry
+  without revealing it.
+- the key file, exactly as docs/security.md specifies (``canopy_key.json``,
+  ``security.key_file_text``): ``{"v": 1, "node_id": "n01", "key": "<64 hex>"}`` with
+  the node key ``derive_node_key(master, node_id)``.
+
+The node uses the key only if its ``node_id`` is the node's own id (docs/security.md):
+a virtual node's sim.json id, an ESP32's ``machine.unique_id()`` in hex. So that is
+the default id of a new board; another ``--node-id`` is recorded with a warning.
 
 Usage::
 
@@ -35,7 +40,7 @@ from typing import Any
 from . import registry as _registry
 from .errors import CanopyError
 
-from .security import KEY_FILE_NAME, derive_node_key
+from .security import KEY_FILE_NAME, derive_node_key, key_file_text
 
 IDENTITY_FILE = "identity.json"
 MASTER_KEY_ENV = "CANOPY_MASTER_KEY_FILE"
@@ -81,6 +86,13 @@ class NodeFacts:
     sim_node_id: str | None
 
     @property
+    def own_id(self) -> str:
+        """The id the app calls itself (canopy.link.default_node_id)."""
+        if self.sim_node_id and _NODE_ID_RE.match(self.sim_node_id):
+            return self.sim_node_id
+        return self.mac.replace(":", "")
+
+    @property
     def firmware(self) -> str:
         return f"micropython {self.version} {self.platform}"
 
@@ -94,6 +106,7 @@ class ProvisionResult:
     key_id: str
     firmware: str
     was_known: bool
+    warning: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,19 +188,19 @@ def choose_node_id(facts: NodeFacts, reg: _registry.Registry, requested: str | N
         return requested, known is not None
     if known is not None:
         return known, True
-    # A virtual node's id is fixed by its sim.json (its link reports that id).
-    if facts.sim_node_id and _NODE_ID_RE.match(facts.sim_node_id) and facts.sim_node_id not in reg.nodes:
-        return facts.sim_node_id, False
-    return reg.next_free_id(), False
+    own = facts.own_id
+    if own in reg.nodes:
+        raise CanopyError(f"node id {own} is registered to the board with MAC {reg.nodes[own].get('mac')}; "
+                          "give this board another --node-id")
+    return own, False
 
 
 def identity_files(node_id: str, zone: str | None, master: bytes) -> tuple[dict[str, bytes], str]:
     key = derive_node_key(master, node_id)
     kid = key_id(key)
     ident = {"version": 1, "node_id": node_id, "zone": zone, "key_id": kid}
-    keyfile = {"version": 1, "node_id": node_id, "key": key.hex(), "key_id": kid}
     return ({IDENTITY_FILE: (json.dumps(ident) + "\n").encode(),
-             KEY_FILE_NAME: (json.dumps(keyfile) + "\n").encode()}, kid)
+             KEY_FILE_NAME: key_file_text(key, node_id).encode()}, kid)
 
 
 def write_file_atomic(transport: Any, path: str, data: bytes, progress: Any = None,
@@ -225,8 +238,12 @@ def provision_node(transport: Any, board: str, master: bytes, zone: str | None =
         usb_serial=usb_serial, location=location,
         provisioned_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
+    warning = None
+    if nid != facts.own_id:
+        warning = (f"the app on this board calls itself {facts.own_id}, not {nid}: its key file is for {nid}, "
+                   "so it stays locked until the firmware takes its id from identity.json")
     return ProvisionResult(node_id=nid, mac=facts.mac, zone=zone, board=board, key_id=kid,
-                           firmware=facts.firmware, was_known=known)
+                           firmware=facts.firmware, was_known=known, warning=warning)
 
 
 def sim_mac(node_id: str) -> str:

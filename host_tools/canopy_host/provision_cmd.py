@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Read the node's MAC over the raw REPL (machine.unique_id(); virtual nodes have a "
             "stable fake one), choose its id (the registry's for a known MAC, else --node-id, else "
-            "a virtual node's own id, else the next free nNN), write identity.json and the key file, "
+            "the id the app calls itself: a virtual node's id, an ESP32's MAC in hex), write "
+            "identity.json and the key file (docs/security.md), "
             "and record MAC, id, zone, board and key id in the node registry. USB serial numbers "
             "are recorded too but never trusted alone: every CP2102 says 0001."
         ),
@@ -90,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
             pass
     doc = result.to_json() | {"port": port}
     print(json.dumps(doc, indent=2))
+    if result.warning:
+        print(f"canopy provision: warning: {result.warning}", file=sys.stderr)
     verb = "re-provisioned" if result.was_known else "provisioned"
     print(f"{verb} {result.node_id} (MAC {result.mac}, zone {result.zone or '-'}, key {result.key_id}); "
           "reset the node (or `canopy deploy`) for the app to pick it up", file=sys.stderr)

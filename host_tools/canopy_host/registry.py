@@ -107,13 +107,6 @@ class Registry:
             hits = []
         return hits[0] if len(hits) == 1 else None
 
-    def next_free_id(self, prefix: str = "n") -> str:
-        used = set(self.nodes)
-        k = 1
-        while f"{prefix}{k:02d}" in used:
-            k += 1
-        return f"{prefix}{k:02d}"
-
     # -- updates ----------------------------------------------------------------------
 
     def update(self, node_id: str, **fields: Any) -> dict[str, Any]:
