@@ -50,47 +50,47 @@ DEFAULT_CONFIG = {
     "recover_m": 5,  # this many good readings in a row clear a fault
 }
 
-# (key, lowest, highest) for every int setting; bounds keep the kernels inside
-# their documented overflow-free domains (docs/fixed-point.md).
-_RANGES = (
-    ("version", 1, 1000),
-    ("tick_ms", 10, 3600000),
-    ("t_setpoint", -4000, 8500),
-    ("mist_t_setpoint", -4000, 8500),
-    ("h_setpoint", 0, 102400),
-    ("h_ceiling", 0, 102400),
-    ("shade_kp", 0, 1 << 28),
-    ("shade_ki", 0, 1 << 28),
-    ("mist_kp", 0, 1 << 28),
-    ("mist_ki", 0, 1 << 28),
-    ("fan_kp", 0, 1 << 28),
-    ("fan_ki", 0, 1 << 28),
-    ("shade_slew", 1, 10000),
-    ("mist_slew", 1, 10000),
-    ("fan_slew", 1, 10000),
-    ("safe_shade", 0, 10000),
-    ("safe_fan", 0, 10000),
-    ("t_min", -1 << 20, 1 << 20),
-    ("t_max", -1 << 20, 1 << 20),
-    ("p_min", -1 << 20, 1 << 20),
-    ("p_max", -1 << 20, 1 << 20),
-    ("h_min", -1 << 20, 1 << 20),
-    ("h_max", -1 << 20, 1 << 20),
-    ("stuck_n", 2, 100000),
-    ("recover_m", 1, 100000),
-)
+
+def _check_int(cfg, key, lo, hi):
+    if key not in cfg:
+        raise ValueError("config: missing setting %r" % key)
+    v = cfg[key]
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError("config: %r must be an int, got %r" % (key, v))
+    if v < lo or v > hi:
+        raise ValueError("config: %r=%d outside %d..%d" % (key, v, lo, hi))
 
 
 def validate(cfg):
     """Raise ValueError naming the first bad setting; return cfg when it is usable."""
-    for key, lo, hi in _RANGES:
-        if key not in cfg:
-            raise ValueError("config: missing setting %r" % key)
-        v = cfg[key]
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise ValueError("config: %r must be an int, got %r" % (key, v))
-        if v < lo or v > hi:
-            raise ValueError("config: %r=%d outside %d..%d" % (key, v, lo, hi))
+    # Bounds keep the kernels inside their documented overflow-free domains
+    # (docs/fixed-point.md). Written as calls, not as a table of tuples: the calls are a
+    # few hundred bytes of bytecode, a table would be ~1.8 KB of objects alive for good.
+    _check_int(cfg, "version", 1, 1000)
+    _check_int(cfg, "tick_ms", 10, 3600000)
+    _check_int(cfg, "t_setpoint", -4000, 8500)
+    _check_int(cfg, "mist_t_setpoint", -4000, 8500)
+    _check_int(cfg, "h_setpoint", 0, 102400)
+    _check_int(cfg, "h_ceiling", 0, 102400)
+    _check_int(cfg, "shade_kp", 0, 1 << 28)
+    _check_int(cfg, "shade_ki", 0, 1 << 28)
+    _check_int(cfg, "mist_kp", 0, 1 << 28)
+    _check_int(cfg, "mist_ki", 0, 1 << 28)
+    _check_int(cfg, "fan_kp", 0, 1 << 28)
+    _check_int(cfg, "fan_ki", 0, 1 << 28)
+    _check_int(cfg, "shade_slew", 1, 10000)
+    _check_int(cfg, "mist_slew", 1, 10000)
+    _check_int(cfg, "fan_slew", 1, 10000)
+    _check_int(cfg, "safe_shade", 0, 10000)
+    _check_int(cfg, "safe_fan", 0, 10000)
+    _check_int(cfg, "t_min", -1 << 20, 1 << 20)
+    _check_int(cfg, "t_max", -1 << 20, 1 << 20)
+    _check_int(cfg, "p_min", -1 << 20, 1 << 20)
+    _check_int(cfg, "p_max", -1 << 20, 1 << 20)
+    _check_int(cfg, "h_min", -1 << 20, 1 << 20)
+    _check_int(cfg, "h_max", -1 << 20, 1 << 20)
+    _check_int(cfg, "stuck_n", 2, 100000)
+    _check_int(cfg, "recover_m", 1, 100000)
     shifts = cfg.get("ema_shift")
     if not isinstance(shifts, (list, tuple)) or len(shifts) != 3:
         raise ValueError("config: 'ema_shift' must be a list of 3 ints (T, P, H)")
@@ -122,56 +122,15 @@ def get(cfg, key):
     return DEFAULT_CONFIG[key]
 
 
-def _canonical(value, parts):
-    # MicroPython's json has no sort_keys, so build the canonical form by hand:
-    # sorted keys, no spaces, same as json.dumps(sort_keys=True, separators=(",", ":")).
-    if isinstance(value, dict):
-        parts.append("{")
-        first = True
-        for key in sorted(value):
-            if not first:
-                parts.append(",")
-            first = False
-            _canonical(str(key), parts)
-            parts.append(":")
-            _canonical(value[key], parts)
-        parts.append("}")
-    elif isinstance(value, (list, tuple)):
-        parts.append("[")
-        for i, item in enumerate(value):
-            if i:
-                parts.append(",")
-            _canonical(item, parts)
-        parts.append("]")
-    elif value is True:
-        parts.append("true")
-    elif value is False:
-        parts.append("false")
-    elif value is None:
-        parts.append("null")
-    elif isinstance(value, int):
-        parts.append(str(value))
-    elif isinstance(value, str):
-        import json
+# The canonical form and digest live in canopy.configdigest, loaded on first use: only
+# the framed link and the config store need them, and a text-link node on a small heap
+# should not hold their code (docs/firmware.md "Memory budget").
+def __getattr__(name):
+    if name in ("canonical_json", "digest"):
+        from canopy import configdigest
 
-        parts.append(json.dumps(value))
-    else:
-        raise ValueError("config: cannot serialise %r" % (value,))
-
-
-def canonical_json(cfg):
-    parts = []
-    _canonical(cfg, parts)
-    return "".join(parts)
-
-
-def digest(cfg):
-    """sha256 hex of the canonical JSON of cfg (identical on host and node)."""
-    import hashlib
-    import binascii
-
-    h = hashlib.sha256(canonical_json(cfg).encode())
-    return binascii.hexlify(h.digest()).decode()
+        return getattr(configdigest, name)
+    raise AttributeError(name)
 
 
 def load(path):

@@ -20,7 +20,6 @@ Usage::
 """
 
 import sys
-import time
 
 from micropython import const
 
@@ -85,19 +84,6 @@ class GpioLed:
         self.pin.value(1 if on else 0)
 
 
-class PixelLed:
-    """WS2812 status LED (ESP32-S3/C3 DevKits); colours built once so value() allocates nothing."""
-
-    def __init__(self, np):
-        self.np = np
-        self._on = (0, 0, 24)
-        self._off = (0, 0, 0)
-
-    def value(self, on):
-        self.np[0] = self._on if on else self._off
-        self.np.write()
-
-
 class Hardware:
     """What the node sees: bus, actuators, LED, clock. Built by `open`."""
 
@@ -122,45 +108,17 @@ class Hardware:
         self.clock.reboot()
 
 
-class ChipClock:
-    """Real time on the chip; `reboot` is a hard reset."""
-
-    def __init__(self, machine):
-        self._machine = machine
-
-    def ticks_ms(self):
-        return time.ticks_ms()
-
-    def sleep_ms(self, ms):
-        time.sleep_ms(ms)
-
-    def reboot(self):
-        self._machine.reset()
+# The chip-only parts (real machine peripherals, WS2812 LED) are in canopy.hal_esp32, which
+# the unix port never loads; these names stay reachable here for callers and tests.
+_CHIP_ONLY = ("open_machine", "PixelLed", "ChipClock")
 
 
-def open_machine(board, machine, neopixel=None):
-    """Build the Hardware from a `machine` module (real on the chip; a fake in tests)."""
-    pins = board["pins"]
-    bus = board["i2c"]
-    i2c = machine.I2C(
-        bus["id"], scl=machine.Pin(bus["scl"]), sda=machine.Pin(bus["sda"]),
-        freq=bus.get("freq", 400000),
-    )
-    # Start every output in its safe state: shade retracted, valve closed, fan off,
-    # until the node's first tick decides otherwise.
-    shade = Servo(machine.PWM(machine.Pin(pins["shade"]), freq=SERVO_FREQ, duty_u16=0))
-    mist = PwmOut(machine.PWM(machine.Pin(pins["mist"]), freq=MIST_FREQ, duty_u16=0))
-    fan = PwmOut(machine.PWM(machine.Pin(pins["fan"]), freq=FAN_FREQ, duty_u16=0))
-    shade.set(0)
-    led = None
-    led_pin = pins.get("status_led")
-    if led_pin is not None:
-        if board.get("status_led_kind") == "ws2812" and neopixel is not None:
-            led = PixelLed(neopixel.NeoPixel(machine.Pin(led_pin), 1))
-        else:
-            led = GpioLed(machine.Pin(led_pin, machine.Pin.OUT))
-        led.value(False)
-    return Hardware(board, i2c, shade, mist, fan, led, ChipClock(machine), False)
+def __getattr__(name):
+    if name in _CHIP_ONLY:
+        from canopy import hal_esp32
+
+        return getattr(hal_esp32, name)
+    raise AttributeError(name)
 
 
 def open(board, sim=None):
@@ -170,6 +128,8 @@ def open(board, sim=None):
     """
     if sys.platform == "esp32" and board.get("chip") != "unix":
         import machine
+
+        from canopy.hal_esp32 import open_machine
 
         try:
             import neopixel
