@@ -101,7 +101,8 @@ class SimBME280:
                 if not isinstance(v, int) or v < lo or v > hi:
                     raise ValueError("calibration %s must be an int in %d..%d, got %r" % (k, lo, hi, v))
                 cal[k] = v
-        self.calibration = cal
+        # Only the packed registers and the 18 values as a list stay: the dict would cost
+        # another ~0.7 KB on a virtual node's heap for nothing.
         self._c = [cal[k] for k in ("T1", "T2", "T3", "P1", "P2", "P3", "P4", "P5", "P6",
                                     "P7", "P8", "P9", "H1", "H2", "H3", "H4", "H5", "H6")]
         self._clock = clock_ms
@@ -113,7 +114,7 @@ class SimBME280:
         self.status_reads = 0
         self.data_reads_while_measuring = 0
         self._regs = bytearray(256)
-        self._pack_calibration()
+        self._pack_calibration(cal)
         self._offset_c = 0.0
         self._offset_tf = 0
         self._drift_c = 0.0
@@ -128,9 +129,8 @@ class SimBME280:
 
     # -- calibration and compensation (plain ints: exact in the kernel's domain) ----------
 
-    def _pack_calibration(self):
+    def _pack_calibration(self, c):
         r = self._regs
-        c = self.calibration
         for i, k in enumerate(("T1", "T2", "T3", "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")):
             v = c[k] & 0xFFFF
             r[0x88 + 2 * i] = v & 0xFF

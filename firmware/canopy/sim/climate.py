@@ -27,6 +27,7 @@ Usage::
 """
 
 import math
+from array import array
 
 GAMMA = 0.66  # hPa/K near sea level
 SHADE_BLOCK = 0.9  # fraction of the sun load a fully closed shade removes
@@ -68,6 +69,17 @@ class Rng:
         return lo + (hi - lo) * (self.next() / 4294967296.0)
 
 
+def _waves(r, gusts, amp_lo, amp_hi, period_lo, period_hi):
+    # Three (amplitude, period s, phase) triples, flat, as doubles: unboxed, where tuples
+    # of floats would keep ~1 KB of float objects alive on a small-heap virtual node.
+    w = array("d")
+    for _ in range(3):
+        w.append(gusts * r.uniform(amp_lo, amp_hi))
+        w.append(r.uniform(period_lo, period_hi))
+        w.append(r.uniform(0, 6.283))
+    return w
+
+
 class Weather:
     """Ambient conditions of a zone as a pure function of simulated seconds."""
 
@@ -81,8 +93,8 @@ class Weather:
         # Slow gusts of warm/cool air and passing clouds: a few seeded sinusoids with
         # periods of minutes to an hour, so minutes-long runs see weather change.
         # `gusts` scales them (0 = a steady day, for step-response tests).
-        self.t_waves = [(gusts * r.uniform(0.2, 0.6), r.uniform(600, 3600), r.uniform(0, 6.283)) for _ in range(3)]
-        self.cloud_waves = [(gusts * r.uniform(0.1, 0.3), r.uniform(300, 2400), r.uniform(0, 6.283)) for _ in range(3)]
+        self.t_waves = _waves(r, gusts, 0.2, 0.6, 600, 3600)
+        self.cloud_waves = _waves(r, gusts, 0.1, 0.3, 300, 2400)
         self.p_base = 101325.0 + r.uniform(-800, 800)
         self.p_phase = r.uniform(0, 6.283)
 
@@ -95,13 +107,15 @@ class Weather:
         """(temperature C, RH %, pressure Pa, sun 0..1) at simulated second t_s."""
         day = self._day_phase(t_s)
         t = self.t_mean + self.t_swing * (day - 0.5) * 2
-        for amp, period, phase in self.t_waves:
-            t += amp * math.sin(2 * math.pi * t_s / period + phase)
+        w = self.t_waves
+        for i in range(0, 9, 3):
+            t += w[i] * math.sin(2 * math.pi * t_s / w[i + 1] + w[i + 2])
         hour = ((self.start_s + t_s) / 3600.0) % 24.0
         sun = max(0.0, math.sin((hour - 6.0) / 12.0 * math.pi)) * self.sun_peak
         clouds = 0.0
-        for amp, period, phase in self.cloud_waves:
-            clouds += amp * math.sin(2 * math.pi * t_s / period + phase)
+        w = self.cloud_waves
+        for i in range(0, 9, 3):
+            clouds += w[i] * math.sin(2 * math.pi * t_s / w[i + 1] + w[i + 2])
         sun *= min(1.0, max(0.0, 1.0 - max(0.0, clouds)))
         # Absolute humidity holds roughly steady over a day, so RH falls as it warms.
         e = sat_vp(self.t_mean) * self.rh_mean / 100.0
