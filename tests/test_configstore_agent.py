@@ -107,6 +107,23 @@ def chunks(d, text, digest):
     out.append(sorted(os.listdir(d)))
     return out
 
+def during_trial(d, t2, d2, t3, d3):
+    """A second activation while the first config is still on trial is refused."""
+    _fresh(d)
+    node = FakeNode()
+    agent = RepairAgent(node, ConfigStore(d))
+    _push(agent, t2, d2, 2)
+    try:
+        _push(agent, t3, d3, 3)
+        first = "no error"
+    except ValueError as e:
+        first = str(e)
+    for _ in range(TRIAL_GOOD):
+        node.ticks += 1
+        agent.poll()
+    res = agent._activate({"digest": d3})   # v3 is still staged: now it goes
+    return [first, res[0][1], agent.store.load()[1], agent.store._read("config.prev").decode()]
+
 class Sink:
     def __init__(self):
         self.data = bytearray()
@@ -257,3 +274,12 @@ def test_quarantine_holds_failsafe_outputs_without_allocating(drv, tmp_path):
 def test_steady_link_service_with_the_agent_allocates_nothing(drv, tmp_path):
     [out] = run(drv, ("steady_service", str(tmp_path / "g")))
     assert out == [True, 1]
+
+
+def test_no_second_activation_while_a_trial_runs(drv, tmp_path):
+    t2, d2 = cfg_text(2, t_setpoint=2450)
+    t3, d3 = cfg_text(3, t_setpoint=2400)
+    [(first, res, active, prev)] = run(drv, ("during_trial", str(tmp_path / "h"), t2, d2, t3, d3))
+    assert "on trial" in first
+    assert res == "activated" and active == d3
+    assert canonical_digest(json.loads(prev)) == d2  # the fallback passed its trial

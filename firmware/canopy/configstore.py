@@ -273,6 +273,9 @@ class ConfigStore:
             raise StoreError("activate: no staged config with that digest")
         if got[0]["version"] < active_cfg["version"]:
             raise StoreError("activate: would roll back to an older version")
+        if self.trial() is not None:
+            # The fallback must be a config that passed its trial, not the one on trial.
+            raise StoreError("activate: the active config is still on trial, retry later")
         if self._exists(ACTIVE):
             self._copy_atomic(ACTIVE, PREV)
         else:
