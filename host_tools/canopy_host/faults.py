@@ -85,7 +85,7 @@ def _r(v: Any) -> Any:
 
 @dataclass
 class FaultConfig:
-    history: int = 120  # windows kept per zone and quantity
+    history: int = 60  # windows kept per zone and quantity (also the CUSUM's longest memory)
     min_windows: int = 6  # windows needed to call drift vs microclimate, noise, stuck
     cusum_k: float = 0.25  # CUSUM slack, in units of the node's interval half-width
     cusum_h: float = 2.0  # CUSUM alarm threshold, same units
@@ -114,6 +114,7 @@ class _Win:
     widths: dict[str, float]
     truechimers: frozenset[str]
     last_time: dict[str, float]
+    loo: dict[str, float] = field(default_factory=dict)  # value - median of the OTHER nodes
 
 
 class FaultTracker:
@@ -128,6 +129,10 @@ class FaultTracker:
         self._hist: dict[tuple[str, str], deque[_Win]] = {}
         self._cusum_from: dict[tuple[str, str, str], float] = {}  # windows before this start are ignored
         self._good_run: dict[tuple[str, str], int] = {}
+        self._scatter: dict[str, tuple[float, int]] = {}
+        self._cusum: dict[tuple[str, str, str], list[float]] = {}  # (zone, node, q) -> [S+, S-, last window]
+        self._lookback = 2 * self.cfg.min_windows + 2
+        self._ranges: dict[str, tuple[float, float]] = {}
         self._act: dict[tuple[str, str, str], deque[tuple[float, NodeWindow]]] = {}
 
     def offset(self, zone: str, node: str, quantity: str) -> float:
@@ -155,11 +160,15 @@ class FaultTracker:
                    {n: w.value for n, w in windows.items()}, {n: w.spread for n, w in windows.items()},
                    {n: (w.accuracy if w.accuracy is not None else acc_default) + allow for n, w in windows.items()},
                    frozenset(verdict.truechimers), {n: w.last_time for n, w in windows.items()})
+        win.loo = _leave_one_out(win.values)
         hist.append(win)
         seen: set[str] = set()
         for w in hist:
             seen.update(w.values)
         security = security or {}
+        # Neighbour statistics once per zone and window, not once per node.
+        self._scatter = self._scatters(hist)
+        self._ranges = self._stuck_ranges(hist)
         out = []
         for node in sorted(seen):
             f = self._classify(zone, q, node, hist, verdict, security.get(node, {}))
@@ -217,8 +226,14 @@ class FaultTracker:
         off = self.offset(zone, node, q)
         width = now.widths[node]
         # The node's series over the windows where the zone had a value.
-        series = [(w.start, w.values[node] - off - w.zone_value, w.values[node], w.zone_value, w.spreads[node],
-                   w.last_time[node]) for w in hist if node in w.values and w.zone_value is not None]
+        series = []
+        for w in reversed(hist):  # only the recent windows: the CUSUM itself is kept incrementally
+            if node in w.values and w.zone_value is not None:
+                series.append((w.start, w.values[node] - off - w.zone_value, w.values[node], w.zone_value,
+                               w.spreads[node], w.last_time[node]))
+                if len(series) >= self._lookback:
+                    break
+        series.reverse()
         e_now = series[-1][1]
         # A quarantined node takes no part in the vote: judge it by its residual alone.
         outlier = abs(e_now) > width or node in verdict.falsetickers
@@ -254,13 +269,14 @@ class FaultTracker:
         start = self._cusum_from.get((zone, node, q), -math.inf)
         res = [s for s in series if s[0] >= start]
         k, h = cfg.cusum_k * width, cfg.cusum_h * width
-        sp = sn = 0.0
-        alarm_before = False
-        for s in res:
-            alarm_before = sp > h or sn > h  # the statistic before this window
-            e = min(max(s[1], -width), width)
+        state = self._cusum.setdefault((zone, node, q), [0.0, 0.0, -math.inf])
+        sp, sn = state[0], state[1]
+        alarm_before = sp > h or sn > h  # the statistic before this window
+        if state[2] < now.start:
+            e = min(max(e_now, -width), width)
             sp = max(0.0, sp + e - k)
             sn = max(0.0, sn - e - k)
+            state[:] = [sp, sn, now.start]
         # CUSUM decays slowly once the shift is gone: a node agreeing again (recent
         # residuals within the slack) is ok while the statistic runs down.
         back = len(res) >= 3 and abs(_median_of([s[1] for s in res[-3:]])) <= k
@@ -295,6 +311,7 @@ class FaultTracker:
             if corr is not None and corr >= cfg.min_correlation and p_res is not None and abs(p_res) <= p_width:
                 self.offsets[(zone, node, q)] = off + level
                 self._cusum_from[(zone, node, q)] = now.start + 1e-9
+                self._cusum[(zone, node, q)] = [0.0, 0.0, now.start]
                 return self._finding(verdict, node, "microclimate", "none", dict(ev, learned_offset=off + level),
                                      reason="stable offset that tracks the zone with pressure agreeing: learned")
             if len(tail) < cfg.min_windows * 2 and not outlier:
@@ -303,51 +320,62 @@ class FaultTracker:
         return self._finding(verdict, node, "drift", "recalibrate", dict(ev, kind="step", level=level),
                              off + level, reason="stable offset not explained by a microclimate")
 
+    def _stuck_ranges(self, hist: deque[_Win]) -> dict[str, tuple[float, float]]:
+        """node -> (range of its values, largest in-window spread) over the last
+        stuck_windows windows, for the nodes present in all of them."""
+        wins = list(hist)[-self.cfg.stuck_windows:]
+        if len(wins) < self.cfg.stuck_windows:
+            return {}
+        out = {}
+        for n in wins[-1].values:
+            if all(n in w.values for w in wins):
+                vals = [w.values[n] for w in wins]
+                out[n] = (max(vals) - min(vals), max(w.spreads[n] for w in wins))
+        return out
+
     def _stuck(self, node: str, hist: deque[_Win], q: str) -> dict[str, Any] | None:
-        cfg = self.cfg
-        wins = [w for w in hist if node in w.values][-cfg.stuck_windows:]
-        if len(wins) < cfg.stuck_windows:
+        mine = self._ranges.get(node)
+        others = [r for n, (r, _sp) in self._ranges.items() if n != node]
+        if mine is None or not others:
             return None
         res = QUANTITIES.get(q, {}).get("resolution", 1e-6)
-        mine = [w.values[node] for w in wins]
-        my_range = max(mine) - min(mine)
-        my_spread = max(w.spreads[node] for w in wins)
-        others = [n for n in wins[-1].values if n != node and all(n in w.values for w in wins)]
-        if not others:
-            return None
-        ranges = sorted(max(w.values[n] for w in wins) - min(w.values[n] for w in wins) for n in others)
-        neigh = _median_of(ranges)
-        if my_range <= res and my_spread <= res and neigh > 10 * res:
-            return {"range": my_range, "neighbour_range": neigh, "windows": len(wins)}
+        neigh = _median_of(others)
+        if mine[0] <= res and mine[1] <= res and neigh > 10 * res:
+            return {"range": mine[0], "neighbour_range": neigh, "windows": self.cfg.stuck_windows}
         return None
+
+    def _scatters(self, hist: deque[_Win]) -> dict[str, tuple[float, int]]:
+        """node -> (scatter, windows): its residual to the median of the OTHER nodes, then
+        a robust spread of the residual's first differences (median absolute difference
+        scaled to a Gaussian std; one spike moves two differences, not the median), plus
+        its median in-window spread."""
+        cfg = self.cfg
+        wins = [w for w in hist if w.zone_value is not None][-cfg.noise_windows:]
+        series: dict[str, list[float]] = {}
+        spreads: dict[str, list[float]] = {}
+        for w in wins:
+            for n, e in w.loo.items():
+                series.setdefault(n, []).append(e)
+                spreads.setdefault(n, []).append(w.spreads[n])
+        out = {}
+        for n, es in series.items():
+            if len(es) >= cfg.min_windows:
+                d = _median_of([abs(x) for x in _diff(es)]) * 1.4826 / math.sqrt(2)
+                out[n] = (d + _median_of(spreads[n]), len(es))
+        return out
 
     def _noise(self, node: str, hist: deque[_Win], width: float) -> dict[str, Any] | None:
         cfg = self.cfg
-        wins = [w for w in hist if w.zone_value is not None and node in w.values][-cfg.noise_windows:]
-        if len(wins) < cfg.min_windows:
+        got = self._scatter.get(node)
+        others = [sc for n, (sc, _k) in self._scatter.items() if n != node]
+        if got is None or not others:
             return None
-
-        def scatter(n: str) -> float | None:
-            # Residual to the median of the OTHER nodes (the zone median would be the
-            # node itself for the middle one), then a robust spread of its first
-            # differences (median absolute difference scaled to a Gaussian std): one
-            # spike moves two differences, not the median.
-            es = [w.values[n] - _median_of([x for m, x in w.values.items() if m != n])
-                  for w in wins if n in w.values and len(w.values) > 1]
-            if len(es) < cfg.min_windows:
-                return None
-            d = _median_of([abs(x) for x in _diff(es)]) * 1.4826 / math.sqrt(2)
-            return d + _median_of([w.spreads.get(n, 0.0) for w in wins if n in w.values])
-
-        mine = scatter(node)
-        others = [s for n in wins[-1].values if n != node for s in [scatter(n)] if s is not None]
-        if mine is None or not others:
-            return None
+        mine, windows = got
         neigh = max(_median_of(others), 0.02 * width)
         ratio = mine / neigh
         # Scatter well under the sensor's accuracy is not worth a quarantine.
         if ratio >= cfg.noise_ratio and mine >= cfg.noise_floor * width:
-            return {"std": mine, "neighbour_std": neigh, "ratio": ratio, "windows": len(wins)}
+            return {"std": mine, "neighbour_std": neigh, "ratio": ratio, "windows": windows}
         return None
 
     def _pressure_residual(self, zone: str, node: str, starts: list[float]) -> float | None:
@@ -411,6 +439,25 @@ def _median_of(xs: list[float]) -> float:
     s = sorted(xs)
     m = len(s)
     return s[m // 2] if m % 2 else (s[m // 2 - 1] + s[m // 2]) / 2.0
+
+
+def _leave_one_out(values: Mapping[str, float]) -> dict[str, float]:
+    """node -> its value minus the median of the other nodes' values, in O(m log m)."""
+    items = sorted(values.items(), key=lambda kv: kv[1])
+    m = len(items)
+    if m < 2:
+        return {}
+    s = [v for _, v in items]
+    k = m - 1  # size of the remaining list
+
+    def at(j: int, r: int) -> float:  # element j of s without the element of rank r
+        return s[j] if j < r else s[j + 1]
+
+    out = {}
+    for r, (n, v) in enumerate(items):
+        med = at(k // 2, r) if k % 2 else (at(k // 2 - 1, r) + at(k // 2, r)) / 2.0
+        out[n] = v - med
+    return out
 
 
 def _lone(series: list[tuple], i: int, width: float) -> bool:
