@@ -89,28 +89,46 @@ def test_repair_dry_run_then_repair_then_audit(tmp_path, sim):
     assert not (tmp_path / "sim" / "n02" / "quarantine").exists()
 
 
-def test_cli_errors_are_one_clear_line(tmp_path):
+class _Run:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.returncode, self.stdout, self.stderr = code, out, err
+
+
+def inproc(capsys, *args: str) -> _Run:
+    """The CLI in this process (no interpreter start per call); same code path as `canopy`."""
+    from canopy_host.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return _Run(code, out.out, out.err)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     bad = tmp_path / "shadow.json"
     bad.write_text(json.dumps({"config": {"t_setpoint": 99999}, "nodes": {"n01": {}}}))
-    r = canopy("repair", "--shadow", str(bad), "--dry-run")
+    r = inproc(capsys, "repair", "--shadow", str(bad), "--dry-run")
     assert r.returncode == 2 and "t_setpoint" in r.stderr and "Traceback" not in r.stderr
-    r = canopy("repair", "--shadow", str(tmp_path / "missing.json"), "--dry-run")
+    r = inproc(capsys, "repair", "--shadow", str(tmp_path / "missing.json"), "--dry-run")
     assert r.returncode == 2 and "no shadow file" in r.stderr
     bad.write_text(json.dumps({"config": {}, "nodes": {"n01": {}}}))
-    r = canopy("repair", "--shadow", str(bad), "--port", "n01", "--dry-run")
+    r = inproc(capsys, "repair", "--shadow", str(bad), "--port", "n01", "--dry-run")
     assert r.returncode == 2 and "NODE=PORT" in r.stderr
     (tmp_path / "f.jsonl").write_text("{not json\n")
-    r = canopy("repair", "--shadow", str(bad), "--findings", str(tmp_path / "f.jsonl"), "--dry-run")
+    r = inproc(capsys, "repair", "--shadow", str(bad), "--findings", str(tmp_path / "f.jsonl"), "--dry-run")
     assert r.returncode == 2 and "f.jsonl:1" in r.stderr
-    r = canopy("audit", "--db", str(tmp_path / "none.db"))
+    r = inproc(capsys, "audit", "--db", str(tmp_path / "none.db"))
     assert r.returncode == 2 and "does not exist" in r.stderr
-    r = canopy("audit", "--db", str(tmp_path / "none.db"), "--since", "yesterday-ish")
+    r = inproc(capsys, "audit", "--db", str(tmp_path / "none.db"), "--since", "yesterday-ish")
     assert r.returncode == 2 and "cannot read time" in r.stderr
+    # and once as a user runs it: one line on stderr, no traceback
+    r = canopy("repair", "--shadow", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
-def test_offline_node_dry_run_still_plans(tmp_path):
+def test_offline_node_dry_run_still_plans(tmp_path, capsys):
     sh = tmp_path / "shadow.json"
     sh.write_text(json.dumps({"config": {"version": 2}, "nodes": {"n01": {}}}))
-    r = canopy("repair", "--shadow", str(sh), "--port", "n01=socket://127.0.0.1:9", "--dry-run", "--timeout", "0.3")
+    r = inproc(capsys, "repair", "--shadow", str(sh), "--port", "n01=socket://127.0.0.1:9", "--dry-run",
+               "--timeout", "0.3")
     assert r.returncode == 0, r.stderr
     assert "n01: push_config" in r.stdout and "offline" in r.stdout and "no status" in r.stderr
