@@ -35,10 +35,11 @@ which contains the zone's true value if the node is healthy. From these interval
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 OK = "OK"
 NO_QUORUM = "NO_QUORUM"
@@ -58,8 +59,9 @@ QUANTITIES: dict[str, dict[str, Any]] = {
 DEFAULT_WINDOW = 60.0  # seconds
 
 
-@dataclass(frozen=True)
-class Interval:
+class Interval(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: building 10,000 of them per window is a
+    # third of the fusion's time with a dataclass' __init__.
     node: str
     low: float
     high: float
@@ -73,14 +75,20 @@ def make_interval(node: str, value: float, accuracy: float, allowance: float, of
     return Interval(node, point - width, point + width, point)
 
 
+def _sorted_edges(intervals: Sequence[Interval]) -> list[tuple[float, int]]:
+    edges = [(iv.low, -1) for iv in intervals]
+    edges += [(iv.high, 1) for iv in intervals]
+    edges.sort()
+    return edges
+
+
 def marzullo(intervals: Sequence[Interval], need: int) -> tuple[float, float] | None:
     """(smallest, largest) point covered by at least `need` closed intervals, or None.
 
     One sort of the 2n edges, then one sweep from each end: O(n log n)."""
     if need <= 0 or need > len(intervals):
         return None
-    edges = sorted([(iv.low, -1) for iv in intervals] + [(iv.high, 1) for iv in intervals])
-    return _sweep(edges, need)
+    return _sweep(_sorted_edges(intervals), need)
 
 
 def _sweep(edges: list[tuple[float, int]], need: int) -> tuple[float, float] | None:
@@ -195,7 +203,7 @@ def fuse(
         if not (math.isfinite(iv.low) and math.isfinite(iv.high)) or iv.low > iv.high:
             raise ValueError(f"bad interval for node {iv.node!r}: [{iv.low}, {iv.high}]")
 
-    edges = sorted([(iv.low, -1) for iv in intervals] + [(iv.high, 1) for iv in intervals])
+    edges = _sorted_edges(intervals)
     fused = _sweep(edges, n - budget)
     if fused is None:
         return no_quorum(f"no value is inside the intervals of {n - budget} of the {n} nodes")
@@ -225,8 +233,6 @@ def fuse(
 
 
 def _count_between(sorted_pts: list[float], lo: float, hi: float) -> int:
-    import bisect
-
     return bisect.bisect_right(sorted_pts, hi) - bisect.bisect_left(sorted_pts, lo)
 
 
