@@ -12,10 +12,12 @@ import random
 from collections import defaultdict
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from canopy_host.consensus import Reading, fuse, make_interval
 from canopy_host.consensus_cmd import verdicts
-from canopy_host.faults import Action, FaultTracker
+from canopy_host.faults import Action, FaultTracker, _leave_one_out
 
 T0 = 1_795_636_800  # 2026-11-25T20:00:00Z, a window boundary (multiple of 60)
 WINDOW = 60
@@ -276,3 +278,14 @@ def test_no_quorum_findings_are_never_actionable():
 def test_action_kinds_are_checked():
     with pytest.raises(ValueError):
         Action("reboot", "n1")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text("abcdef", min_size=1, max_size=3), st.integers(-50, 50), min_size=2, max_size=9))
+def test_leave_one_out_medians_match_brute_force(values):
+    got = _leave_one_out(values)
+    for node, v in values.items():
+        others = sorted(x for n, x in values.items() if n != node)
+        m = len(others)
+        med = others[m // 2] if m % 2 else (others[m // 2 - 1] + others[m // 2]) / 2
+        assert got[node] == v - med
