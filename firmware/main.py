@@ -18,6 +18,8 @@ Environment (unix port only; the chip has no environment):
     CANOPY_SPEED   simulated seconds per wall second, 0 = as fast as possible
                    (default: sim.json "speed", else real time)
     CANOPY_EVERY   text link: print a reading every N ticks (default 10)
+    CANOPY_LINK    "text" for the text link (default: the framed, authenticated link)
+    CANOPY_AUTH    "dev": run unauthenticated when there is no key file (docs/security.md)
 """
 
 import gc
@@ -28,7 +30,6 @@ from micropython import const
 
 from canopy import config as _config
 from canopy import hal
-from canopy.node import Node
 
 try:
     from time import ticks_add, ticks_diff
@@ -119,14 +120,16 @@ def load_config(path="config.json"):
 def make_link(node):
     """The serial link serviced between ticks.
 
-    CANOPY_LINK=text always selects the text link (`canopy demo` reads it); otherwise
-    this is where the framed protocol link (canopy.link.Link) plugs in.
+    CANOPY_LINK=text always selects the text link (unauthenticated, read-only: it takes
+    no commands). Otherwise the authenticated framed link, from the flash
+    (docs/security.md): strict with a key file; unauthenticated dev mode only when
+    sim.json says "auth": "dev" or CANOPY_AUTH=dev; with neither, commands are refused.
     """
     if _env("CANOPY_LINK") == "text":
         return TextLink(node, int(_env("CANOPY_EVERY", "10")))
-    from canopy.link import Link
+    from canopy.link import from_flash
 
-    return Link(node)
+    return from_flash(node)
 
 
 def loop(node, link, run_ms=0):
@@ -190,8 +193,14 @@ def main():
         return 2
     board = None
     _unload("canopy.board")
+    _unload("canopy.sim.build")  # virtual nodes: sim.json checks, building the simulation
     gc.collect()
+    # Imported only now: the start-up-only modules above came and went while less was
+    # allocated, which keeps the peak down and their holes at the bottom of the heap.
+    from canopy.node import Node
+
     node = Node(hw, load_config())
+    _unload("canopy.configcheck")  # config checks: done; a later check loads them again
     gc.collect()
     link = make_link(node)
     err = getattr(link, "repair_error", None)

@@ -54,6 +54,9 @@ WIDE = 170  # below this many columns, the compact layout (merged link counters)
 def render(nodes: list[NodeState], ports: list[PortState], messages: list[str], now: float, title: str,
            width: int = WIDE) -> Group:
     compact = width < WIDE
+    # Frames refused by the monitor's tag check (--master-key): always a column when
+    # wide, and in the compact layout as soon as there is one (it must not go unseen).
+    sec = not compact or any(n.sec_rejects for n in nodes)
     table = Table(title=title, expand=False, header_style="bold", pad_edge=False)
     cols: list[tuple[str, str]] = [("node", "left")]
     if not compact:
@@ -69,6 +72,8 @@ def render(nodes: list[NodeState], ports: list[PortState], messages: list[str], 
     else:
         cols += [("gaps (missing)", "right"), ("dup", "right"), ("reboots", "right"), ("crc", "right"),
                  ("garbage B", "right")]
+    if sec:
+        cols += [("auth rej", "right")]
     cols += [("last event", "left")]
     for name, justify in cols:
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -104,6 +109,10 @@ def render(nodes: list[NodeState], ports: list[PortState], messages: list[str], 
                 Text(str(n.crc_errors), style="yellow" if n.crc_errors else ""),
                 str(n.garbage_bytes),
             ]
+        if sec:
+            what = ",".join(f"{k} {v}" for k, v in sorted(n.security.items()))
+            row.append(Text(f"{n.sec_rejects} {what}".strip() if not compact else str(n.sec_rejects),
+                            style="bold red" if n.sec_rejects else ""))
         row.append(n.last_event[:16] if compact else n.last_event[:40])
         table.add_row(*row)
     known = {n.node for n in nodes}

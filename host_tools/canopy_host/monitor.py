@@ -14,6 +14,15 @@ per node gaps (exact missing seq ranges within one boot), duplicates and reboots
 boot id), counts CRC errors/garbage reported by the parser, and sends every frame and
 every link event to the `Store`.
 
+With a `HostAuth` (the mesh master key, docs/security.md) every frame's tag and replay
+window are checked first: a frame that fails is never treated as data (no reading, no
+seq tracking, not in `frames`) but stored as a `security` link event with its verdict
+and raw bytes, and counted per node (docs/monitor.md "Authentication").
+
+A tool that needs one node's port to itself while the others stay monitored (the
+repair loop, `canopy_host.repair_loop`) borrows it: `with reader.lend(): ...` closes
+the port, records a `lent` link event (not a disconnect) and reopens it afterwards.
+
     collector = Collector(store)
     readers = [PortReader(spec, collector) for spec in specs]
     for r in readers: r.start()
@@ -284,6 +293,11 @@ class NodeState:
     last_rx: float = 0.0
     recent: deque[float] = field(default_factory=deque)
     connected: bool = False
+    # Frames this host refused (docs/security.md verdicts) and rejects the node reported
+    # itself (its `E code=security` events: commands it refused).
+    sec_rejects: int = 0
+    security: dict[str, int] = field(default_factory=dict)
+    node_sec_rejects: int = 0
 
     def rate(self, now: float) -> float:
         """Frames per second over the last RATE_WINDOW_S seconds."""
@@ -304,8 +318,13 @@ class Collector:
         *,
         on_frame: Callable[[float, str, Any], None] | None = None,
         clock: Callable[[], float] = time.time,
+        auth: Any = None,
     ) -> None:
         self.store = store
+        # canopy_host.security.HostAuth (or anything with verify(frame) -> verdict):
+        # every frame is checked before it counts as data. None: frames are trusted.
+        self.auth = auth
+        self.sec_rejects = 0
         self.on_frame = on_frame
         self.clock = clock
         self.lock = threading.Lock()
@@ -373,6 +392,19 @@ class Collector:
                 st.connected = False
                 st.last_event = "disconnect"
 
+    def port_lent(self, ps: PortState, why: str) -> None:
+        """The reader closed the port on request (PortReader.lend): not a disconnect."""
+        rx = self.clock()
+        with self.lock:
+            was = ps.connected
+            ps.connected = False
+            ps.status = f"lent: {why}"
+            self._event(rx, ps, "lent", detail=why)
+            st = self._port_node(ps)
+            if st is not None and was:
+                st.connected = False
+                st.last_event = f"port lent: {why}"
+
     def open_failed(self, ps: PortState, path: str | None, reason: str, *, first: bool) -> None:
         rx = self.clock()
         with self.lock:
@@ -421,7 +453,14 @@ class Collector:
         # Its next in-sequence reading then only needs the counters below; anything
         # else (other node, reboot, gap, duplicate, other kind) takes _frame().
         fast: NodeState | None = None
+        verify = self.auth.verify if self.auth is not None else None
         for f in frames:
+            if verify is not None:
+                verdict = verify(f)
+                if verdict != "ok":
+                    self._rejected(ps, f, verdict, rx)
+                    fast = None
+                    continue
             st = fast
             if (st is not None and f.kind == "reading" and f.node == st.node and f.boot == st.boot
                     and f.seq == st.last_seq + 1):  # type: ignore[operator]
@@ -499,6 +538,8 @@ class Collector:
             st.hello = dict(fields)
         elif f.kind == "event":
             st.last_event = f"{fields.get('code', '?')} {fields.get('arg', '')}".strip()
+            if fields.get("code") == "security":  # the node refused a command
+                st.node_sec_rejects += 1
         elif f.kind == "error":
             st.last_event = f"error {fields.get('code', fields.get('msg', ''))}".strip()
         if self.store is not None:
@@ -515,6 +556,20 @@ class Collector:
                 )
         if self.on_frame is not None:
             self.on_frame(rx, port, f)
+
+    def _rejected(self, ps: PortState, f: Any, verdict: str, rx: float) -> None:
+        # Stored, never dropped: the raw line is the evidence (a forgery, a replay...).
+        # Counted for the node it claims to be if we know that node, else for the port's.
+        self.sec_rejects += 1
+        st = self.nodes.get(f.node) or self._port_node(ps)
+        if st is not None:
+            st.sec_rejects += 1
+            st.security[verdict] = st.security.get(verdict, 0) + 1
+            st.last_event = f"rejected {verdict} seq {f.seq}"
+        if self.store is not None:
+            raw = f.raw.decode("ascii", "replace") if isinstance(f.raw, (bytes, bytearray)) else str(f.raw)
+            self.store.add_event(rx, ps.path or ps.spec.label, f.node, "security", boot=f.boot, seq_from=f.seq,
+                                 count=1, detail=f"{verdict} {raw}"[:MAX_TEXT_LINE])
 
     def _gap(self, ps: PortState, st: NodeState, rx: float, first: int, last: int) -> None:
         st.gaps += 1
@@ -556,9 +611,14 @@ class Collector:
                     "malformed": n.malformed,
                     "garbage_bytes": n.garbage_bytes,
                     "disconnects": n.disconnects,
+                    "sec_rejects": n.sec_rejects,
+                    "security": dict(n.security),
+                    "node_sec_rejects": n.node_sec_rejects,
                 }
                 for n in nodes
             },
+            "auth": self.auth is not None,
+            "sec_rejects": sum(n.sec_rejects for n in nodes),
             "ports": {
                 (p.path or p.spec.label): {
                     "node": p.node,
@@ -577,8 +637,9 @@ def _opt_str(v: object) -> str | None:
 
 
 def _copy_node(s: NodeState) -> NodeState:
-    c = NodeState(**{k: getattr(s, k) for k in s.__dataclass_fields__ if k not in ("recent", "gap_ranges")})
+    c = NodeState(**{k: getattr(s, k) for k in s.__dataclass_fields__ if k not in ("recent", "gap_ranges", "security")})
     c.recent = deque(s.recent)
+    c.security = dict(s.security)
     c.gap_ranges = list(s.gap_ranges)
     return c
 
@@ -632,9 +693,19 @@ class PortReader(threading.Thread):
         self.backoff_max = backoff_max
         self._stop_evt = threading.Event()
         self._ser: Any = None
+        # Port lending (lend/give_back): `_wanted` asks the thread to let go, `_lent`
+        # says it has (port closed, reader idle), both under `_cond`.
+        self._cond = threading.Condition()
+        self._wanted: str | None = None
+        self._lent = False
 
     def stop(self) -> None:
         self._stop_evt.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
         ser = self._ser
         if ser is not None:
             try:
@@ -642,10 +713,56 @@ class PortReader(threading.Thread):
             except Exception:
                 pass
 
+    def lend(self, timeout: float = 5.0, why: str = "lent") -> PortLoan:
+        """Close the port and keep it closed until the loan is given back (for a tool that
+        needs the port to itself, e.g. a repair). Blocks until the port is closed; the
+        reader then waits, and reopens it (a fresh parser, a `connect` event) on
+        `give_back()`. Raises CanopyError if the reader does not let go within `timeout`."""
+        with self._cond:
+            if self._wanted is not None:
+                raise CanopyError(f"{self.ps.spec.label}: the port is already lent ({self._wanted})")
+            self._wanted = why
+            self._cond.notify_all()
+        self._wake()
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._lent or not self.is_alive(), timeout):
+                self._wanted = None
+                self._cond.notify_all()
+                raise CanopyError(f"{self.ps.spec.label}: the monitor did not let go of the port within {timeout:g} s")
+        return PortLoan(self)
+
+    def give_back(self) -> None:
+        """End a loan: the reader reopens the port."""
+        with self._cond:
+            self._wanted = None
+            self._cond.notify_all()
+
+    def _hold(self) -> bool:
+        """While a loan is wanted: say the port is closed, wait for its return. True if it waited."""
+        with self._cond:
+            if self._wanted is None or self._stop_evt.is_set():
+                return False
+            why = self._wanted
+        self.collector.port_lent(self.ps, why)
+        with self._cond:
+            self._lent = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._wanted is None or self._stop_evt.is_set())
+            self._lent = False
+        return True
+
+    def _pause(self, delay: float) -> None:
+        # The reconnect backoff, cut short by stop() or by a loan request.
+        with self._cond:
+            self._cond.wait_for(lambda: self._wanted is not None or self._stop_evt.is_set(), delay)
+
     def run(self) -> None:
         delay = self.backoff_min
         failing = False
         while not self._stop_evt.is_set():
+            if self._hold():
+                delay = self.backoff_min  # back from a loan: reopen at once
+                continue
             try:
                 path = self.ps.spec.resolve()
                 if not path:
@@ -667,7 +784,9 @@ class PortReader(threading.Thread):
                             delay = self.backoff_min
             except Exception as exc:  # never let a reader die: record and retry
                 self.collector.open_failed(self.ps, self.ps.path, f"internal error: {exc!r}", first=True)
-            self._stop_evt.wait(delay)
+            if self._wanted is not None:
+                continue  # lent: no backoff wait before _hold()
+            self._pause(delay)
             delay = min(delay * 2, self.backoff_max)
 
     def _follow(self, ser: Any, path: str) -> None:
@@ -677,7 +796,7 @@ class PortReader(threading.Thread):
         for attr, _ in PARSER_COUNTERS:
             self.ps.seen[attr] = 0
         try:
-            while not self._stop_evt.is_set():
+            while not self._stop_evt.is_set() and self._wanted is None:
                 n = ser.in_waiting
                 data = ser.read(n if n > 0 else 1)
                 if data:
@@ -686,7 +805,7 @@ class PortReader(threading.Thread):
                     self.collector.ingest(self.ps, parser, frames, rx)
         except Exception as exc:  # SerialException / OSError: the link is gone
             self._last_words(parser)
-            if not self._stop_evt.is_set():
+            if not self._stop_evt.is_set() and self._wanted is None:
                 self.collector.link_lost(self.ps, _reason(exc))
         else:
             self._last_words(parser)
@@ -708,6 +827,25 @@ class PortReader(threading.Thread):
             self.collector.ingest(self.ps, parser, [])
         except Exception:
             pass
+
+
+class PortLoan:
+    """A port lent by a PortReader (`reader.lend()`); `give_back()` or leave the `with`."""
+
+    def __init__(self, reader: PortReader) -> None:
+        self.reader = reader
+        self._back = False
+
+    def give_back(self) -> None:
+        if not self._back:
+            self._back = True
+            self.reader.give_back()
+
+    def __enter__(self) -> PortLoan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.give_back()
 
 
 def _reason(exc: BaseException) -> str:

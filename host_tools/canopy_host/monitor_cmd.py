@@ -22,11 +22,17 @@ examples:
   canopy monitor --sim-state var/sim/state.json --duration 30
   canopy monitor sim:n01 sim:n03                # virtual nodes by id ($CANOPY_SIM_STATE or var/sim/state.json)
   canopy monitor --json /dev/ttyACM0 | jq -c 'select(.kind=="event")'
+  canopy monitor --master-key mesh.key /dev/ttyUSB0   # check every frame's tag (docs/security.md)
 
 Every frame goes into the SQLite file given by --db (WAL mode; safe to read while the
 monitor runs), with link events (connects, disconnects, reboots, gaps, CRC errors,
 garbage, free-text lines). Read it back with `canopy export` and `canopy plot`.
 Ctrl-C stops cleanly: everything received so far is committed before exit.
+
+With --master-key (or following a `canopy sim --master-key` through --sim-state, whose
+state file names its key) every frame's HMAC tag and replay window are checked: a frame
+that fails is not stored as data but as a `security` link event with its verdict and
+raw bytes, and counted per node (docs/monitor.md "Authentication").
 """
 
 
@@ -50,6 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--commit-interval", type=float, default=0.2, metavar="S",
                    help="commit received frames at least every S seconds (default 0.2); larger = fewer "
                         "disk writes; Ctrl-C and exit always commit everything")
+    p.add_argument("--master-key", metavar="FILE",
+                   help="mesh master key file (64 hex digits): verify every frame's tag, store failures as "
+                        "security events (default: the key named in the --sim-state file, if any)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="do not verify tags even if the sim state file names a key")
     p.add_argument("--repair", metavar="SHADOW",
                    help="when the session ends, run `canopy repair` with this shadow file on the nodes seen "
                         "(journal in --db; see docs/repair.md)")
@@ -133,12 +144,46 @@ def _print_summary(summary: dict[str, Any], db: str, out: Any) -> None:
         print(
             f"  {name:<8} frames {n['frames']:<6} readings {n['readings']:<6} {gap}  dup {n['duplicates']}  "
             f"reboots {n['reboots']}  crc {n['crc_errors']}  garbage {n['garbage_bytes']} B  "
-            f"disconnects {n['disconnects']}",
+            f"disconnects {n['disconnects']}"
+            + (f"  auth rejects {n['sec_rejects']}" + "".join(f" {k}={v}" for k, v in sorted(n["security"].items()))
+               if summary.get("auth") else "")
+            + (f"  refused commands {n['node_sec_rejects']}" if n.get("node_sec_rejects") else ""),
             file=out,
         )
+    if summary.get("auth"):
+        print(f"  authentication: {summary['sec_rejects']} frame(s) rejected (security events in the store)",
+              file=out)
     for path, p in summary["ports"].items():
         if p["node"] is None:
             print(f"  {path}: no frames (connects {p['connects']}, open failures {p['open_failures']})", file=out)
+
+
+def master_key_file(args: argparse.Namespace) -> Path | None:
+    """--master-key, else the key a followed `canopy sim --master-key` recorded, else None."""
+    if getattr(args, "no_auth", False):
+        return None
+    if getattr(args, "master_key", None):
+        return Path(args.master_key)
+    if args.sim_state:
+        try:
+            named = json.loads(Path(args.sim_state).read_text()).get("master_key_file")
+        except (OSError, ValueError, AttributeError):
+            return None  # _collect_specs reports an unreadable state file
+        if named:
+            return Path(named)
+    return None
+
+
+def make_auth(args: argparse.Namespace) -> Any:
+    """A HostAuth for the monitor (verify only: it never sends commands), or None."""
+    path = master_key_file(args)
+    if path is None:
+        return None
+    from .security import HostAuth, load_master_key
+
+    auth = HostAuth(load_master_key(path))
+    args.master_key = str(path)  # `--repair` after the session tags its commands with it
+    return auth
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,9 +201,12 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CanopyError(f"the protocol module is not available: {exc}") from None
     specs = _collect_specs(args)
+    auth = make_auth(args)
     store = Store(args.db, max_delay=args.commit_interval)
     broken = threading.Event()
-    collector = Collector(store, on_frame=_json_writer(sys.stdout, broken) if args.json else None)
+    collector = Collector(store, on_frame=_json_writer(sys.stdout, broken) if args.json else None, auth=auth)
+    if auth is None:
+        collector.messages.append("tags not checked (no --master-key): frames are trusted as received")
     readers = [PortReader(collector.add_port(s), collector, baud=args.baud) for s in specs]
 
     def on_term(signum: int, frame: Any) -> None:

@@ -177,6 +177,9 @@ class SimConfig:
     mesh: Any = None
     # Mesh master key: each node gets canopy_key.json (strict). None = unauthenticated dev mode.
     master_key: bytes | None = None
+    # Where that key came from: recorded in the state file so `canopy monitor --sim-state`
+    # (and the other tools that follow a sim) verify tags without being told again.
+    master_key_file: Path | None = None
 
     def validate(self) -> None:
         if not 1 <= self.nodes <= 999:
@@ -705,6 +708,7 @@ class Supervisor:
             "speed": cfg.speed,
             "weather": cfg.weather,
             "zones": cfg.zones,
+            "master_key_file": str(cfg.master_key_file.resolve()) if cfg.master_key_file else None,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "nodes": [n.info() for n in self.nodes],
         }

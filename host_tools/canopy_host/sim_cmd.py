@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         from .security import load_master_key
 
         cfg.master_key = load_master_key(Path(args.master_key))
+        cfg.master_key_file = Path(args.master_key)
 
     def say(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr if args.json else sys.stdout, flush=True)

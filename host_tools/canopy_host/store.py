@@ -135,6 +135,8 @@ EVENT_KINDS = (
     "garbage",  # count bytes that were neither frames nor text lines
     "text",  # a free-text line (REPL output, traceback) in detail
     "node_changed",  # a different node id appeared on the same port (detail)
+    "security",  # a frame that failed authentication (monitor --master-key): detail = "<verdict> <raw line>",
+    #              boot/seq_from as the frame claims; it is NOT in `frames` (docs/monitor.md)
 )
 
 _FRAME_SQL = (

@@ -20,6 +20,7 @@ BENCHES = {
     "kernels": "bench_kernels.py",
     "flash": "bench_flash.py",
     "ingest": "bench_ingest.py",
+    "security": "bench_security.py",
 }
 
 

@@ -1,0 +1,232 @@
+"""The authenticated link end to end: `canopy sim --master-key` nodes (the firmware's
+main.py, strict mode) -> ptys -> `canopy monitor` verifying every frame -> SQLite.
+
+The test sits on the line between the nodes and the monitor (a tap: it reads each
+node's pty and forwards whole lines to a pty of its own that the monitor follows), so
+it can put frames on the line between two genuine ones: a forged reading, a replayed
+one, one tagged with another node's key, an untagged one and one from an older boot.
+It also sends commands through the same line: a tagged `status` is answered, the very
+same bytes sent again are refused by the node (`err=auth msg=replay`, `E code=security`).
+
+Tags are computed here from the spec (docs/security.md, Python's `hmac`), not with the
+code under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import tty
+import zlib
+from pathlib import Path
+
+import pytest
+
+MASTER = bytes(range(100, 132))
+SPEED = 20  # simulated s per wall s: each node sends ~20 readings per wall second
+MONITOR_S = 8.0
+
+
+def _canopy(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "canopy_host.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def node_key(nid: str) -> bytes:
+    return hmac.new(MASTER, b"canopy/node-key/v1/" + nid.encode(), hashlib.sha256).digest()
+
+
+def seal(body: bytes, key: bytes | None) -> bytes:
+    """A frame line from its body (`@CNP1 ... payload`): tag (if a key) and CRC as specified."""
+    if key is not None:
+        body += b" !" + hmac.new(key, body, hashlib.sha256).digest()[:16].hex().encode()
+    return body + b" *%08x\n" % zlib.crc32(body)
+
+
+def body_of(line: bytes) -> bytes:
+    """The part of a tagged frame line that the tag covers."""
+    return line[: line.rindex(b" !")]
+
+
+class Tap(threading.Thread):
+    """Forwards one node's pty to a pty the monitor reads, whole lines at a time."""
+
+    def __init__(self, node_path: str) -> None:
+        super().__init__(daemon=True)
+        from canopy_host.transport import open_port
+
+        self.node = open_port(node_path, 115200)
+        self.node.timeout = 0.05
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+        self.lines: list[bytes] = []  # every genuine line forwarded, without its LF
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        buf = b""
+        while not self.stop.is_set():
+            buf += self.node.read(4096)
+            *whole, buf = buf.split(b"\n")
+            for line in whole:
+                with self.lock:
+                    os.write(self.master, line + b"\n")
+                    self.lines.append(line.rstrip(b"\r"))
+
+    def inject(self, line: bytes) -> None:
+        with self.lock:  # between two genuine lines, never inside one
+            os.write(self.master, line)
+
+    def command(self, line: bytes) -> None:
+        self.node.write(line)
+
+    def wait_for(self, pattern: bytes, since: int = 0, timeout: float = 15) -> bytes:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                for ln in self.lines[since:]:
+                    if re.search(pattern, ln):
+                        return ln
+            time.sleep(0.02)
+        raise AssertionError(f"no line matching {pattern!r}; last lines: {self.lines[-5:]}")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(5)
+        self.node.close()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.mark.slow
+def test_strict_nodes_verified_by_monitor_and_rejects_stored(tmp_path: Path) -> None:
+    key_file = tmp_path / "mesh.key"
+    key_file.write_text(MASTER.hex() + "\n")
+    state = tmp_path / "state.json"
+    sim = _canopy("sim", "--nodes", "2", "--speed", str(SPEED), "--dir", str(tmp_path / "sim"), "--state",
+                  str(state), "--duration", "60", "--master-key", str(key_file))
+    taps: dict[str, Tap] = {}
+    mon = None
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not state.exists():
+            time.sleep(0.05)
+        assert state.exists(), sim.stderr.read1() if sim.stderr else b""
+        st = json.loads(state.read_text())
+        assert Path(st["master_key_file"]) == key_file.resolve()  # what the monitor will find
+        assert {n["node_id"]: n["auth"] for n in st["nodes"]} == {"n01": "strict", "n02": "strict"}
+        for n in st["nodes"]:
+            taps[n["node_id"]] = Tap(n["port"])
+            taps[n["node_id"]].start()
+        # The monitor follows the taps through a state file of the same shape, which also
+        # names the key: no --master-key on its command line.
+        tap_state = tmp_path / "tap-state.json"
+        tap_state.write_text(json.dumps({"master_key_file": st["master_key_file"], "nodes": [
+            {"node_id": nid, "zone": "A", "pty": t.path} for nid, t in taps.items()]}))
+        db = tmp_path / "m.db"
+        mon = _canopy("monitor", "--sim-state", str(tap_state), "--db", str(db), "--json",
+                      "--duration", str(MONITOR_S))
+        t1 = taps["n01"]
+        t1.wait_for(rb"^@CNP1 n01 \d+ \d+ R ")
+        time.sleep(1.5)  # the monitor has opened the taps by now (it may drop what came before)
+        with t1.lock:
+            reading = next(ln for ln in reversed(t1.lines) if re.match(rb"^@CNP1 n01 \d+ \d+ R ", ln))
+        boot, seq = (int(x) for x in reading.split()[2:4])
+        time.sleep(0.3)  # ...and has taken this reading
+
+        # 1. forged: a genuine reading with one digit of its payload changed, CRC fixed up
+        head, payload = reading.split(b" R ", 1)
+        changed = payload.replace(b",", b"9,", 1)
+        forged = seal(head + b" R " + changed[: changed.rindex(b" *")], None)
+        # 2. replay: the genuine reading again, byte for byte
+        replay = reading + b"\n"
+        # 3. cross-node: claims to be n02, tagged with n01's key (a captured n01)
+        cross = seal(b"@CNP1 n02 1 5 E code=failsafe arg=1", node_key("n01"))
+        # 4. unauthenticated: no tag at all
+        unauth = seal(b"@CNP1 n01 %d %d E code=failsafe arg=1" % (boot, seq + 1000), None)
+        # 5. rollback: correctly tagged, but from a boot before the current one
+        rollback = seal(b"@CNP1 n01 %d 3 E code=failsafe arg=0" % (boot - 1), node_key("n01"))
+        injected = {"forged": forged, "replay": replay, "cross_node": cross, "unauth": unauth,
+                    "rollback": rollback}
+        for line in injected.values():
+            t1.inject(line)
+            time.sleep(0.1)
+
+        # A tagged command: answered. The same bytes again: refused as a replay.
+        from canopy_host.protocol import encode_command
+
+        counter = 7
+        body = encode_command("n01", counter, "status")
+        body = body[: body.rindex(b" *")]
+        cmd = seal(body, node_key("n01"))
+        mark = len(t1.lines)
+        t1.command(cmd)
+        ok = t1.wait_for(rb"^@CNP1 n01 \d+ \d+ A re=%d cmd=status ok=1 " % counter, mark)
+        assert b" auth=strict " in ok and b" sec_rejects=0 " in ok
+        mark = len(t1.lines)
+        t1.command(cmd)
+        refused = t1.wait_for(rb"^@CNP1 n01 \d+ \d+ X re=%d err=auth msg=replay " % counter, mark)
+        t1.wait_for(rb"^@CNP1 n01 \d+ \d+ E code=security arg=3 ", mark)  # REASONS: replay = 3
+        # Its own frames are tagged under its key (checked here independently of the monitor).
+        for line in (ok, refused):
+            tag = line[line.rindex(b" !") + 2: line.rindex(b" *")]
+            assert hmac.new(node_key("n01"), body_of(line), hashlib.sha256).digest()[:16].hex().encode() == tag
+
+        out, err = mon.communicate(timeout=60)
+    finally:
+        if mon is not None and mon.poll() is None:
+            mon.kill()
+        for t in taps.values():
+            t.close()
+        sim.send_signal(signal.SIGINT)
+        try:
+            sim.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            sim.kill()
+            sim.communicate()
+    assert mon.returncode == 0, err.decode()
+    assert b"Traceback" not in err
+
+    con = sqlite3.connect(db)
+    events = con.execute("SELECT node, boot, seq_from, detail FROM link_events WHERE kind = 'security'").fetchall()
+    # Exactly the injected frames were refused: every genuine frame of both nodes verified.
+    verdicts = {d.split(" ", 1)[0]: (node, d.split(" ", 1)[1]) for node, _b, _s, d in events}
+    assert sorted(verdicts) == sorted(injected) and len(events) == len(injected), events
+    for verdict, line in injected.items():
+        assert verdicts[verdict][1] == line.rstrip(b"\n").decode()  # raw bytes kept as evidence
+    assert verdicts["cross_node"][0] == "n02"  # stored under the node it claims to be
+    # None of them is data: each (node, boot, seq) in `frames` appears once (the replay
+    # was not stored again) and is one the node really sent.
+    rows = con.execute("SELECT node, boot, seq, kind, extra FROM frames").fetchall()
+    assert len(rows) == len({(n, b, s) for n, b, s, _k, _e in rows})
+    genuine = {nid: {tuple(int(x) for x in ln.split()[2:4]) for ln in t.lines if ln.startswith(b"@CNP1 " + nid.encode())}
+               for nid, t in taps.items()}
+    for n, b, s, _k, _e in rows:
+        assert (b, s) in genuine[n]
+    per_node = dict(con.execute("SELECT node, COUNT(*) FROM frames GROUP BY node"))
+    assert per_node["n01"] > 50 and per_node["n02"] > 50
+    # The node's refusal travelled as a genuine (tagged) frame and is stored as data.
+    assert con.execute("SELECT COUNT(*) FROM frames WHERE node='n01' AND kind='event' "
+                       "AND extra LIKE '%\"code\":\"security\"%'").fetchone()[0] == 1
+    con.close()
+
+    # JSON output carries only verified frames; the summary counts the rejects per node.
+    jframes = [json.loads(ln) for ln in out.splitlines()]
+    assert len(jframes) == len(rows)
+    text = err.decode()
+    assert "authentication: 5 frame(s) rejected" in text
+    n01 = next(ln for ln in text.splitlines() if ln.strip().startswith("n01 "))
+    assert "auth rejects 4 forged=1 replay=1 rollback=1 unauth=1" in n01, n01
+    assert "refused commands 1" in n01
+    n02 = next(ln for ln in text.splitlines() if ln.strip().startswith("n02 "))
+    assert "auth rejects 1 cross_node=1" in n02, n02
