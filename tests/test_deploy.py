@@ -38,10 +38,16 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="virtual nodes n
 MASTER = bytes(range(32))
 
 
+@pytest.fixture(scope="module")
+def _counter_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ctr") / "counter.json"
+
+
 @pytest.fixture(autouse=True)
-def _private_counter(tmp_path: Path, monkeypatch) -> None:
-    # The authenticated ping draws host command counters; keep them out of the repo's var/.
-    monkeypatch.setattr(deploy, "DEFAULT_COUNTER_FILE", tmp_path / "counter.json")
+def _private_counter(_counter_file: Path, monkeypatch) -> None:
+    # The authenticated ping draws host command counters; keep them out of the repo's var/,
+    # but one file for the module: the nodes remember the highest counter they accepted.
+    monkeypatch.setattr(deploy, "DEFAULT_COUNTER_FILE", _counter_file)
 MPY_ARCH_CODE = {"xtensawin": 10, "rv32imc": 11}
 
 
@@ -125,8 +131,7 @@ def test_first_deploy_copies_all_provisions_and_is_healthy(sup, tmp_path: Path) 
     board = load_board("unix-sim")
     bundle = deploy.build_bundle(board)
     reg_path = tmp_path / "nodes.json"
-    r = deploy.deploy_node(node.port, board, bundle, MASTER, zone="A", registry_path=reg_path,
-                           counter_file=tmp_path / "counter.json")
+    r = deploy.deploy_node(node.port, board, bundle, MASTER, zone="A", registry_path=reg_path)
     assert r.error is None, r
     assert r.flashed and r.provisioned and r.healthy, r.problems
     assert sorted(r.copied) == sorted(bundle.paths) and r.unchanged == 0

@@ -102,4 +102,6 @@ def test_fresh_node_flash_deploy_provision_monitor(tmp_path: Path, capsys, monke
     assert kinds.get("reading", 0) >= 3, kinds
     hellos = [json.loads(x) for (x,) in con.execute(
         "SELECT extra FROM frames WHERE node=? AND kind='hello'", (node.node_id,))]
-    assert hellos and all(h["fw_hash"] == rep["app_hash"][:16] for h in hellos), hellos
+    # the deployed app runs: its hello carries the deployed hash (capped at 16, or 10
+    # characters in a tagged hello, docs/security.md); the repository copy says "dev"
+    assert hellos and all(len(h["fw_hash"]) >= 10 and rep["app_hash"].startswith(h["fw_hash"]) for h in hellos), hellos

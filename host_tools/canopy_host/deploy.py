@@ -417,7 +417,7 @@ def ping(port: str, node_id: str | None, app_hash: str | None, key: bytes | None
                     ser.write(line)
                     sent_at = time.monotonic()
                 elif fr.kind == "error" and sent_at is not None and "refused" not in result:
-                    result["refused"] = fr.fields.get("err") or fr.fields.get("code")
+                    result["refused"] = f"{fr.fields.get('err')}: {fr.fields.get('msg')}"
                 elif fr.kind == "reply" and fr.fields.get("cmd") == "status" and sent_at is not None:
                     result.update(answered=True, rtt_ms=round((time.monotonic() - sent_at) * 1000, 1),
                                   tick=fr.fields.get("tick"), auth=fr.fields.get("auth"))
@@ -477,7 +477,10 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
                                key=derive_node_key(master, prov.node_id),
                                counter=CommandCounter(counter_file or DEFAULT_COUNTER_FILE))
             if not report.ping.get("answered"):
-                why = f" (refused: {report.ping['refused']})" if report.ping.get("refused") else ""
+                why = ""
+                if report.ping.get("refused"):
+                    why = (f" (refused: {report.ping['refused']}; a host command counter behind the node's, "
+                           "see --counter-file, or a key from another master key)")
                 report.problems.append(f"the node did not answer a status ping after reset{why}")
                 ok = False
             if report.ping.get("node_id_mismatch"):
@@ -491,7 +494,7 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
             report.healthy = ok
             _registry.update_locked(registry_path, prov.node_id, healthy=ok,
                                     healthy_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                    problems=report.problems or None)
+                                    problems=report.problems)
         progress.stage("healthy" if report.healthy else ("flashed" if report.flashed else "failed"))
     except Exception as exc:  # noqa: BLE001 - serial/struct/transport trouble: one node's report
         text = str(exc).strip()
@@ -503,6 +506,10 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
         if t is not None:
             try:
                 t.exit_raw_repl()
+                if report.flashed:
+                    # Ctrl-D in the friendly REPL: soft reset, the new app starts. A failed
+                    # copy stays stopped in the REPL rather than run a mix of two versions.
+                    t.serial.write(b"\x04")
                 t.close()
             except Exception:
                 pass
