@@ -289,3 +289,23 @@ def test_leave_one_out_medians_match_brute_force(values):
         m = len(others)
         med = others[m // 2] if m % 2 else (others[m // 2 - 1] + others[m // 2]) / 2
         assert got[node] == v - med
+
+
+def test_drift_on_top_of_a_microclimate_recalibrates_only_the_drift():
+    rate = 0.06
+
+    def mod(node, w, t, rng):
+        if node != "n5":
+            return t
+        return t + 1.5 + (rate * (w - 30) if w >= 30 else 0.0)
+
+    vs = run(zone_series(80, seed=16, t_mod=mod))
+    f = faults_of(vs)["n5"]
+    learned = [w for w, x in f if x["class"] == "microclimate"]
+    assert learned and learned[0] < 30
+    drift = [(w, x) for w, x in f if x["class"] == "drift"]
+    assert drift and drift[0][0] > 30
+    w, x = drift[0]
+    # The microclimate stays host-side: the node is asked to correct the drift only.
+    assert x["action"]["offset"] == pytest.approx(rate * (w - 30), abs=0.3)
+    assert x["evidence"]["offset"] == pytest.approx(1.5, abs=0.1)

@@ -45,8 +45,10 @@ SECURITY_EVENTS = ("mac_failure", "replay", "counter_rollback", "cross_node", "u
 
 @dataclass(frozen=True)
 class Action:
-    """What the repair engine should do. `offset` (recalibrate only) is the node's new
-    total offset in the quantity's JSON units: the node should report value - offset."""
+    """What the repair engine should do. `offset` (recalibrate only), in the quantity's
+    JSON units, is how much the node reads too high compared with what consensus expects
+    of it (the zone value plus its learned microclimate offset, which stays host-side):
+    the node's calibration should subtract it ON TOP of whatever it already applies."""
 
     kind: str  # one of ACTIONS
     node: str
@@ -300,7 +302,7 @@ class FaultTracker:
         ev.update(slope_per_s=slope, trend=trend, residual_std=resid_std, windows=len(tail))
         if trend > cfg.trend_fraction * width and abs(slope) > cfg.trend_sigmas * slope_se:
             fitted = slope * xs[-1] + intercept
-            return self._finding(verdict, node, "drift", "recalibrate", dict(ev, kind="trend"), off + fitted,
+            return self._finding(verdict, node, "drift", "recalibrate", dict(ev, kind="trend"), fitted,
                                  reason="offset growing (CUSUM alarm and a trend)")
         level = _median_of(es)
         if resid_std < cfg.stable_fraction * width and q != "p":
@@ -318,7 +320,7 @@ class FaultTracker:
                 return self._finding(verdict, node, "suspect", "none", ev,
                                      reason="stable offset; waiting for more windows before calling it a fault")
         return self._finding(verdict, node, "drift", "recalibrate", dict(ev, kind="step", level=level),
-                             off + level, reason="stable offset not explained by a microclimate")
+                             level, reason="stable offset not explained by a microclimate")
 
     def _stuck_ranges(self, hist: deque[_Win]) -> dict[str, tuple[float, float]]:
         """node -> (range of its values, largest in-window spread) over the last
