@@ -123,6 +123,10 @@ def test_3f_plus_1_value_stays_within_correct_readings(case):
     assert v.low - 1e-9 <= truth <= v.high + 1e-9
     # Tight (Marzullo, n > 3f): no wider than a correct node's interval.
     assert v.high - v.low <= 2 * W + 1e-9
+    # The default budget, (n-1)//2 >= f, keeps the value and containment guarantees.
+    d = fuse(zone_intervals(honest, byz, order))
+    assert d.status == OK and min(honest) - 1e-9 <= d.value <= max(honest) + 1e-9
+    assert d.low - 1e-9 <= truth <= d.high + 1e-9
 
 
 @settings(max_examples=300, deadline=None)
