@@ -100,14 +100,21 @@ def _sources(firmware_dir: Path, include_sim: bool) -> list[Path]:
     return out
 
 
+_COMPILED: dict[tuple[str, str, str], bytes] = {}  # (arch, path, source sha256) -> .mpy, per process
+
+
 def _compile(src: Path, rel: str, arch: str, out_dir: Path) -> bytes:
+    key = (arch, rel, hashlib.sha256(src.read_bytes()).hexdigest())
+    if key in _COMPILED:
+        return _COMPILED[key]
     out = out_dir / (rel.replace("/", "__") + ".mpy")
     # -s sets the name tracebacks show, as if the file had been compiled on the node.
     cmd = [*mpy_cross_command(), f"-march={arch}", "-s", rel, "-o", str(out), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CanopyError(f"mpy-cross -march={arch} failed for {rel}:\n{proc.stderr.strip()}")
-    return out.read_bytes()
+    _COMPILED[key] = data = out.read_bytes()
+    return data
 
 
 def build_bundle(board: Board, firmware_dir: Path = FIRMWARE_DIR) -> Bundle:
@@ -403,7 +410,16 @@ def ping(port: str, node_id: str | None, app_hash: str | None, key: bytes | None
     parser = FrameParser()
     deadline = time.monotonic() + timeout
     sent_at = None
-    with open_port(port, timeout=0.1) as ser:
+    ser = None
+    while ser is None:
+        try:
+            ser = open_port(port, timeout=0.1)
+        except CanopyError:
+            # A native-USB board (ESP32-S3/C3 USB-Serial/JTAG) re-enumerates on reset.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    with ser:
         while time.monotonic() < deadline:
             for fr in parser.feed(ser.read(4096)):
                 if fr.kind == "hello" and "node_id" not in result:
