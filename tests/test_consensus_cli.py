@@ -177,6 +177,9 @@ def test_from_store_converts_protocol_units(tmp_path, capsys):
             store.add_frame(T0 + 5 + i, "sim:" + node, F("reading", node, 1, 1, {"t": t, "p": p, "h": h}))
             store.add_frame(T0 + 6 + i, "sim:" + node, F("hello", node, 1, 0, {"fw": "x"}))
         store.add_frame(T0 + 9, "sim:n7", F("reading", "n7", 1, 1, {"t": 2200, "p": 100500, "h": 51200}))
+        # the monitor's authentication reject (docs/monitor.md): a forged frame claiming n2
+        store.add_event(T0 + 20, "sim:n2", "n2", "security", boot=1, seq_from=9, count=1,
+                        detail="forged @CNP1 n2 1 9 R t=9999 *00000000")
     code, out, err = run_cli(capsys, ["--db", str(db)])
     assert code == 0, err
     got = {(v["zone"], v["quantity"]): v for v in out}
@@ -184,6 +187,9 @@ def test_from_store_converts_protocol_units(tmp_path, capsys):
                         ("unassigned", "h")}
     t = got[("A", "t")]
     assert t["value"] == pytest.approx(22.10) and t["falsetickers"] == ["n4"]
+    assert t["faults"]["n2"]["class"] == "spoofing"
+    assert t["faults"]["n2"]["evidence"]["security_events"] == {"forged": 1}
+    assert t["faults"]["n1"]["class"] == "ok"
     p = got[("A", "p")]
     assert p["value"] == pytest.approx((1005.00 + 1005.12) / 2)  # hPa; median of four
     h = got[("A", "h")]

@@ -145,19 +145,33 @@ def read_lines(lines: Iterable[str], *, skip_bad: bool, source: str) -> tuple[li
     return items, bad, first
 
 
-def read_store(path: str, since: float | None, until: float | None) -> list[Reading]:
+def read_store(path: str, since: float | None, until: float | None) -> list[Any]:
+    """Readings (converted to JSON units) and the monitor's authentication rejects."""
     from .store import iter_frames, open_db
 
     con = open_db(path, create=False)
     try:
         zones = {n: z for n, z in con.execute("SELECT node, zone FROM nodes")}
-        out = []
+        out: list[Any] = []
         for row in iter_frames(con, since=since, until=until):
             zone = zones.get(row["node"]) or UNASSIGNED
             for q, scale in STORE_SCALE.items():
                 v = row[q]
                 if v is not None:
                     out.append(Reading(row["node"], zone, row["rx_time"], q, v / scale))
+        # `security` link events (monitor --master-key): detail = "<verdict> <raw line>".
+        sql = "SELECT rx_time, node, detail FROM link_events WHERE kind = 'security' AND node IS NOT NULL"
+        args: list[Any] = []
+        if since is not None:
+            sql += " AND rx_time >= ?"
+            args.append(since)
+        if until is not None:
+            sql += " AND rx_time <= ?"
+            args.append(until)
+        for rx_time, node, detail in con.execute(sql, args):
+            verdict = (detail or "").split(" ", 1)[0]
+            if verdict in SECURITY_EVENTS:
+                out.append((node, zones.get(node) or UNASSIGNED, rx_time, verdict))
         return out
     finally:
         con.close()
@@ -273,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         from .export_cmd import time_range
 
         since, until = time_range(args)
-        items: list[Any] = list(read_store(args.db, since, until))
+        items: list[Any] = read_store(args.db, since, until)
         bad, first = 0, ""
     else:
         if args.since or args.until:

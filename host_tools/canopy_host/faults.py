@@ -40,7 +40,11 @@ from .consensus import NO_QUORUM, QUANTITIES, NodeWindow, Verdict
 ACTIONS = ("none", "recalibrate", "push_config", "quarantine", "release")
 ALARM_CLASSES = frozenset({"drift", "stuck", "noise", "spoofing", "actuator_mismatch", "spike"})
 ACTUATORS = ("shade", "mist", "fan")
-SECURITY_EVENTS = ("mac_failure", "replay", "counter_rollback", "cross_node", "unauthenticated")
+# Security-layer rejects that count as spoofing evidence: the generic names of the JSON
+# input and the monitor's verdict names (canopy_host.security.VERDICTS, stored as
+# `security` link events).
+SECURITY_EVENTS = ("mac_failure", "replay", "counter_rollback", "cross_node", "unauthenticated",
+                   "forged", "rollback", "unauth", "malformed", "unknown_node")
 
 
 @dataclass(frozen=True)
