@@ -2,7 +2,7 @@
 and the Byzantine guarantees the repair engine relies on.
 
 References here are written independently of canopy_host.consensus: coverage is counted
-point by point over every interval edge (the only places coverage can change), and the
+point by point over a grid that holds every edge and every gap between edges, and the
 clock-select loop follows RFC 5905 §11.2.1 literally on those brute-force regions.
 """
 
@@ -22,11 +22,13 @@ def coverage(intervals, x):
 
 
 def brute_region(intervals, need):
-    """Smallest and largest point covered by >= need closed intervals. Coverage is
-    piecewise constant between edges and closed intervals reach their maximum on an
-    edge, so the extreme qualifying points are edges."""
-    edges = sorted({e for iv in intervals for e in (iv.low, iv.high)})
-    good = [x for x in edges if coverage(intervals, x) >= need]
+    """Smallest and largest point covered by >= need closed intervals, by enumerating
+    every point of a half-unit grid over the whole span (the tests' edges are integers,
+    so the grid holds every edge and a point between any two)."""
+    lo = min(iv.low for iv in intervals)
+    hi = max(iv.high for iv in intervals)
+    grid = [lo + k / 2 for k in range(int((hi - lo) * 2) + 1)]
+    good = [x for x in grid if coverage(intervals, x) >= need]
     return (good[0], good[-1]) if good else None
 
 
