@@ -88,12 +88,7 @@ def test_fresh_node_flash_deploy_provision_monitor(tmp_path: Path, capsys, monke
         rec = Registry.load(tmp_path / "nodes.json").nodes[node.node_id]
         assert rec["healthy"] is True and rec["app_hash"] == rep["app_hash"] and rec["zone"] == "A"
 
-        # 4. the node starts (provision left it in the REPL, as after a manual session)
-        from mpremote.transport_serial import SerialTransport
-
-        t = SerialTransport(node.port, 115200, timeout=1)
-        t.serial.write(b"\r\x03\r\x02\x04")  # friendly REPL, then Ctrl-D: soft reset runs main.py
-        t.close()
+        # 4. the node starts: provision soft-reset it into the app with its identity and key
         db = tmp_path / "m.db"
         rc, out, err = _cli(capsys, "monitor", node.port, "--db", str(db), "--json", "--duration", "4")
     assert rc == 0, err

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         raise CanopyError("--node-id names one node: use it with a single --port")
     ports = _ports(args, board.name, virtual)
     master = load_master_key(args.master_key)
-    console = Console(stderr=True)
+    console = Console(stderr=True, emoji=False)  # a MAC's ':cd:' is not an emoji
     kw = dict(zone=args.zone, node_id=args.node_id, registry_path=args.registry, check=not args.no_check,
               firmware_dir=args.firmware_dir, counter_file=args.counter_file)
     if args.quiet:

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     master = load_master_key(args.master_key)
     serial_no, location = _usb_info(port)
     t = connect(port, soft_reset=False)
+    ok = False
     try:
         with guarded(t, SCAN_TIMEOUT_S, "reading the node's MAC"):
             facts = read_facts(t)
@@ -83,9 +84,12 @@ def run(args: argparse.Namespace) -> int:
             result = provision_node(t, board, master, zone=args.zone, node_id=args.node_id,
                                     registry_path=args.registry, usb_serial=args.usb_serial or serial_no,
                                     location=location, facts=facts)
+        ok = True
     finally:
         try:
             t.exit_raw_repl()
+            if ok:
+                t.serial.write(b"\x04")  # soft reset: the app restarts with its new identity and key
             t.close()
         except Exception:
             pass
@@ -95,5 +99,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"canopy provision: warning: {result.warning}", file=sys.stderr)
     verb = "re-provisioned" if result.was_known else "provisioned"
     print(f"{verb} {result.node_id} (MAC {result.mac}, zone {result.zone or '-'}, key {result.key_id}); "
-          "reset the node (or `canopy deploy`) for the app to pick it up", file=sys.stderr)
+          "the app restarted with it", file=sys.stderr)
     return 0
