@@ -43,10 +43,7 @@ DEFAULT_ZONES = 2
 PLAIN_EVERY_S = 2.0  # status line period when stdout is not a terminal
 CONSENSUS_WINDOW_S = 60.0  # simulated seconds per consensus window
 SABOTAGE_C = 5.0  # the sabotaged sensor's error once its drift has settled
-CHECK_S = 2.0  # wall seconds between the demo's consensus checks (detection, release)
-RELEASE_AFTER = 3  # complete windows of agreement after a repair before the release
-QUANTITIES_T_ACCURACY = 1.0  # °C: the BME280's absolute accuracy; smaller errors are not corrected
-REPAIR_DEADLINE_S = 10.0  # wall seconds one repair may take (an offline node waits in the journal)
+CHECK_S = 2.0  # wall seconds between the repair loop's consensus checks (detection, release)
 # Link events worth a line of their own in the plain output.
 LOUD_EVENTS = ("fault", "failsafe", "recovered", "boot")
 
@@ -318,8 +315,19 @@ def run_mesh(args: argparse.Namespace) -> int:
         db.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CanopyError(f"cannot create {str(db.parent)!r}: {exc.strerror}") from None
+    # The real authenticated path (docs/security.md): a master key of the demo's own
+    # (made once, kept in DIR so `canopy monitor --sim-state DIR/sim/state.json` can
+    # verify too), every node strict with its derived key, every frame checked by the
+    # monitor, every repair command tagged with a persisted counter.
+    from .provision import load_master_key
+    from .security import HostAuth
+
+    key_file = directory / "mesh.key"
+    counter_file = directory / "security" / "counter.json"
+    master = load_master_key(key_file, create=True)
     cfg = SimConfig(nodes=nodes, zones=zones, seed=args.seed, speed=speed, weather=args.weather or "mild",
-                    faults=faults, directory=directory / "sim", fresh=True)
+                    faults=faults, directory=directory / "sim", fresh=True, master_key=master,
+                    master_key_file=key_file)
     notes: list[str] = []  # supervisor messages, appended from relay threads
     sup = Supervisor(cfg, on_message=notes.append)  # validates cfg
     setpoints = read_setpoints()
@@ -333,10 +341,10 @@ def run_mesh(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     store = Store(db)
-    collector = Collector(store)
+    collector = Collector(store, auth=HostAuth(master, counter_file))
     readers: dict[str, Any] = {}
     dash = None
-    repairer: DemoRepair | None = None
+    repairer: Any = None  # repair_loop.RepairLoop
     interrupted = False
     t0 = time.time()
     broken = False
@@ -347,20 +355,22 @@ def run_mesh(args: argparse.Namespace) -> int:
         for r in readers.values():
             r.start()
 
-        def pause(node: str) -> None:  # the repair needs the node's port to itself
-            readers[node].stop()
-            readers[node].join(timeout=5)
-
-        def resume(node: str) -> None:
-            readers[node] = PortReader(readers[node].ps, collector)
-            readers[node].start()
-
         if not args.no_repair:
-            repairer = DemoRepair(db=db, shadow_path=db.with_suffix(".shadow.json"), state_file=cfg.state_path,
-                                  t0=t0, speed=speed, zone_of={n: z for z, ids in zone_members(nodes, zones).items()
-                                                              for n in ids},
-                                  pause=pause, resume=resume, say=notes.append)
-        next_check = time.monotonic() + CHECK_S
+            # The library's continuous loop (the same as `canopy monitor --repair`): the
+            # node under repair borrows its port from its reader, the others keep reading.
+            from .repair import SerialClient
+            from .repair_loop import RepairLoop, readers_lender
+
+            def client_for(node: str) -> Any:
+                # Tagged commands with the persisted counter when the nodes are strict.
+                return SerialClient({node: f"sim:{node}"}, timeout=3.0, state_file=str(cfg.state_path),
+                                    auth=collector.auth)
+
+            repairer = RepairLoop(db, db.with_suffix(".shadow.json"), lend=readers_lender(readers.values),
+                                  client_for=client_for, t0=t0, timescale=speed, window=CONSENSUS_WINDOW_S,
+                                  zone_of={n: z for z, ids in zone_members(nodes, zones).items() for n in ids},
+                                  say=lambda text: notes.append("sim " + text), flush=store.flush)
+            repairer.start(every_s=CHECK_S)
         if live:
             from .dashboard import Dashboard
 
@@ -377,10 +387,6 @@ def run_mesh(args: argparse.Namespace) -> int:
                     collector.messages.append(note)
                 else:
                     print(f"  {note}", flush=True)
-            if repairer is not None and now >= next_check:
-                store.flush()
-                repairer.check()
-                next_check = time.monotonic() + CHECK_S
             if dash is not None:
                 dash.refresh()
             elif now >= next_line:
@@ -396,6 +402,8 @@ def run_mesh(args: argparse.Namespace) -> int:
         # A second Ctrl-C must not abort the shutdown: nodes left running or an unflushed store.
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
+            if repairer is not None:
+                repairer.stop()  # a repair under way finishes first: it holds a lent port
             for r in readers.values():
                 r.stop()
             for r in readers.values():
@@ -419,6 +427,7 @@ def run_mesh(args: argparse.Namespace) -> int:
         raise CanopyError(f"writing {str(db)!r} failed: {store.error}")
     report = build_report(db, collector.summary(), t0=t0, speed=speed, members=zone_members(nodes, zones))
     report.repairs = repairer.events if repairer is not None else []
+    report.auth = collector.auth is not None
     print()
     if interrupted:
         print(f"interrupted after {wall:.1f} s: nodes stopped, everything received is in the database")
@@ -431,200 +440,16 @@ def run_mesh(args: argparse.Namespace) -> int:
 
 
 def load_readings(db: Path, *, t0: float, speed: float, zone_of: dict[str, str]) -> list[Any]:
-    """Consensus inputs from the database: healthy readings, timed in simulated seconds.
+    """Consensus inputs from the database, timed in simulated seconds (repair_loop's)."""
+    from .repair_loop import load_readings as load
 
-    Consensus windows are in simulated time: the zone's air changes `speed` times
-    faster than the wall clock says, and the fault classes' slew limits are physical."""
-    from .consensus import Reading
-    from .consensus_cmd import STORE_SCALE
-    from .store import iter_frames
-
-    items: list[Any] = []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)
-    try:
-        for row in iter_frames(con, kind="reading"):
-            # Failsafe ticks repeat old values (zeros before the first reading) and a
-            # missing sensor has none: neither is a measurement to vote with.
-            if row["failsafe"] or (row["faults"] or 0) & 1 or row["t"] is None:
-                continue
-            sim_time = (row["rx_time"] - t0) * speed
-            zone = zone_of.get(row["node"], "?")
-            for q, scale in STORE_SCALE.items():
-                if row[q] is not None:
-                    items.append(Reading(row["node"], zone, sim_time, q, row[q] / scale))
-    finally:
-        con.close()
-    return items
+    return load(db, t0=t0, timescale=speed, zone_of=zone_of)
 
 
 def zone_verdicts(items: list[Any]) -> list[dict[str, Any]]:
-    from .consensus_cmd import parse_allowances, verdicts
+    from .repair_loop import zone_verdicts as judge
 
-    return [v for v in verdicts(items, window=CONSENSUS_WINDOW_S, allowance=parse_allowances([]), max_faulty=None,
-                                offsets={}, quarantined=[]) if v["quantity"] in ("t", "h", "p")]
-
-
-@dataclass
-class RepairEvent:
-    sim_s: float
-    node: str
-    text: str
-    ok: bool = True
-
-
-class DemoRepair:
-    """The demo's repair policy, on top of `canopy consensus` and `canopy repair`.
-
-    Every CHECK_S wall seconds it judges the complete consensus windows so far. A node
-    with an actionable temperature alarm (drift, stuck, noise, ...) in the latest window
-    that is also measurably wrong there (voted out, or off from the zone's value by at
-    least the BME280's 1 °C accuracy) is QUARANTINED (its actuators
-    held at failsafe, the node stays out of the repairs' way) and, where the consensus
-    recommends it, RECALIBRATED with the offset the consensus measured: both through
-    the journaled repair engine, on that node's port only (its monitor reader pauses,
-    the others keep running). A quarantined node whose temperature then agrees with its
-    zone (a truechimer) for RELEASE_AFTER complete windows after the repair is RELEASED.
-    Each node is repaired once per run: the offsets the tracker learns afterwards mix
-    readings from before and after the recalibration."""
-
-    def __init__(self, *, db: Path, shadow_path: Path, state_file: Path, t0: float, speed: float,
-                 zone_of: dict[str, str], pause: Any, resume: Any, say: Any) -> None:
-        self.db = db
-        self.shadow_path = shadow_path
-        self.state_file = state_file
-        self.t0 = t0
-        self.speed = speed
-        self.zone_of = zone_of
-        self.pause, self.resume, self.say = pause, resume, say
-        self.repaired: dict[str, float] = {}  # node -> simulated time of the repair
-        self.released: set[str] = set()
-        self.events: list[RepairEvent] = []
-
-    def sim_now(self) -> float:
-        return (time.time() - self.t0) * self.speed
-
-    def check(self) -> None:
-        now = self.sim_now()
-        items = load_readings(self.db, t0=self.t0, speed=self.speed, zone_of=self.zone_of)
-        complete = [v for v in zone_verdicts(items) if v["window_start"] + CONSENSUS_WINDOW_S <= now]
-        if not complete:
-            return
-        last_ws = max(v["window_start"] for v in complete)
-        latest = [v for v in complete if v["window_start"] == last_ws]
-        for node in sorted(self.zone_of):
-            if node in self.repaired:
-                if node not in self.released:
-                    self._maybe_release(node, complete)
-                continue
-            alarms = [(v, f) for v in latest for n, f in v.get("faults", {}).items()
-                      if n == node and f.get("alarm") and f.get("actionable") and f["class"] != "spike"
-                      and f.get("action", {}).get("kind") in ("recalibrate", "quarantine")]
-            # Temperature is what the node controls on: an alarm there starts the repair;
-            # the other quantities' recommendations of the same window come along (a
-            # BME280's pressure and humidity are compensated with its temperature).
-            if not any(v["quantity"] == "t" for v, _ in alarms):
-                continue
-            # ... and only when the node is measurably wrong: voted out, or off by more
-            # than the sensor's accuracy. A class alone (a noise or drift score) on a
-            # node that agrees within the datasheet's accuracy is not worth taking its
-            # actuators away.
-            error = self._t_error(node, latest, items, last_ws)
-            voted_out = any(v["quantity"] == "t" and node in v["falsetickers"] for v in latest)
-            if voted_out or (error is not None and abs(error) >= QUANTITIES_T_ACCURACY):
-                self._repair(node, alarms, last_ws, error)
-
-    def _maybe_release(self, node: str, complete: list[dict[str, Any]]) -> None:
-        after = sorted((v for v in complete if v["quantity"] == "t" and v["zone"] == self.zone_of[node]
-                        and v["window_start"] >= self.repaired[node]), key=lambda v: v["window_start"])
-        run = 0
-        for v in after:
-            run = run + 1 if (v["status"] == "OK" and node in v["truechimers"]) else 0
-        if run >= RELEASE_AFTER:
-            finding = {"node": node, "actionable": True, "action": {"kind": "release"}}
-            states = self._apply(node, [finding])
-            ok = bool(states) and set(states) <= {"VERIFIED"}
-            self._event(node, f"agrees with zone {self.zone_of[node]} again ({run} windows): released "
-                              f"[{', '.join(states) or 'nothing to do'}]", ok)
-            self.released.add(node)
-
-    def _t_error(self, node: str, latest: list[dict[str, Any]], items: list[Any], window: float) -> float | None:
-        """How far the node's temperature is from its zone's consensus in the window."""
-        zone = self.zone_of[node]
-        v = next((v for v in latest if v["zone"] == zone and v["quantity"] == "t" and v["status"] == "OK"), None)
-        mine = sorted(r.value for r in items if r.node == node and r.quantity == "t"
-                      and window <= r.time < window + CONSENSUS_WINDOW_S)
-        if v is None or v["value"] is None or not mine:
-            return None
-        return mine[len(mine) // 2] - float(v["value"])
-
-    def _repair(self, node: str, alarms: list[tuple[dict[str, Any], dict[str, Any]]], window: float,
-                t_error: float | None) -> None:
-        classes = sorted({f"{v['quantity']}:{f['class']}" for v, f in alarms})
-        findings: list[dict[str, Any]] = [{"node": node, "actionable": True, "action": {"kind": "quarantine"}}]
-        what = ["quarantined"]
-        recal_t = any(v["quantity"] == "t" and f.get("action", {}).get("kind") == "recalibrate"
-                      and f["action"].get("offset") is not None for v, f in alarms)
-        if not recal_t and t_error is not None and abs(t_error) >= QUANTITIES_T_ACCURACY:
-            # The tracker called it stuck/noise (quarantine only), but the node is off by
-            # a measurable amount: correct that too, so the node can agree again.
-            alarms = alarms + [({"quantity": "t"}, {"action": {"kind": "recalibrate", "offset": t_error}})]
-        for v, f in alarms:
-            a = f.get("action", {})
-            if a.get("kind") == "recalibrate" and a.get("offset") is not None:
-                findings.append({"node": node, "actionable": True,
-                                 "action": {"kind": "recalibrate", "quantity": v["quantity"], "offset": a["offset"]}})
-                unit = {"t": "°C", "p": "hPa", "h": "%RH"}[v["quantity"]]
-                what.append(f"{v['quantity']} recalibrated by {-float(a['offset']):+.2f} {unit}")
-        self.repaired[node] = window + CONSENSUS_WINDOW_S
-        self._event(node, f"detected ({', '.join(classes)} in the window at {_sim_clock(window)})", True)
-        states = self._apply(node, findings)
-        ok = bool(states) and set(states) <= {"VERIFIED"}
-        self._event(node, f"{', '.join(what)} [{', '.join(states) or 'nothing to do'}]", ok)
-
-    def _event(self, node: str, text: str, ok: bool) -> None:
-        ev = RepairEvent(self.sim_now(), node, text, ok)
-        self.events.append(ev)
-        self.say(f"sim {_sim_clock(ev.sim_s)} {node}: {text}")
-
-    def _apply(self, node: str, findings: list[dict[str, Any]]) -> list[str]:
-        """One journaled repair of one node; returns the final state of each job."""
-        from .repair import Journal, NodeOffline, NodeRefused, RepairEngine, SerialClient, plan, status
-        from .shadow import Shadow
-
-        data: dict[str, Any] = {"config": {}, "nodes": {}}
-        if self.shadow_path.is_file():
-            data = json.loads(self.shadow_path.read_text())
-        # A shadow of this node alone: the planner asks every shadow node for its status,
-        # and the other nodes' ports belong to the monitor.
-        mine = Shadow(dict(data.get("config", {})), {node: dict(data["nodes"].get(node, {}))}, None)
-        self.pause(node)
-        client = SerialClient({node: f"sim:{node}"}, timeout=3.0, state_file=str(self.state_file))
-        journal = None
-        try:
-            try:
-                actual = {node: status(client, node)}
-            except (NodeOffline, NodeRefused):
-                actual = {node: None}
-            p = plan(mine, actual, findings)
-            journal = Journal(self.db)
-            engine = RepairEngine(journal, client, mine)
-            jobs = engine.submit(p)
-            engine.run(deadline_s=REPAIR_DEADLINE_S)
-            ids = {j.id for j in jobs}
-            states = [j.state for j in journal.jobs() if j.id in ids]
-        except CanopyError as exc:
-            self._event(node, f"repair failed: {exc}", False)
-            return ["FAILED"]
-        finally:
-            if journal is not None:
-                journal.close()
-            client.close()
-            self.resume(node)
-        data["nodes"][node] = mine.nodes[node]
-        tmp = self.shadow_path.with_name(self.shadow_path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.shadow_path)
-        return states
+    return judge(items, CONSENSUS_WINDOW_S)
 
 
 # -- the summary ------------------------------------------------------------------------
@@ -651,6 +476,8 @@ class NodeReport:
     first_alarm: float | None = None  # first temperature fault class other than ok
     classes: Counter[str] = field(default_factory=Counter)
     actions: Counter[str] = field(default_factory=Counter)
+    sec_rejects: dict[str, int] = field(default_factory=dict)  # frames the monitor refused, by verdict
+    refused_commands: int = 0  # commands the node refused (its E code=security)
 
 
 @dataclass
@@ -661,7 +488,8 @@ class Report:
     sim_s: float
     # zone -> quantity -> the last OK verdict (value, truechimers, falsetickers, window_start)
     zone_last: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    repairs: list[RepairEvent] = field(default_factory=list)
+    repairs: list[Any] = field(default_factory=list)  # repair_loop.RepairEvent
+    auth: bool = False  # the monitor verified every frame's tag
 
 
 def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
@@ -675,6 +503,8 @@ def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
         r = nodes.setdefault(name, NodeReport(name, "?"))
         r.frames, r.readings, r.gaps, r.missing = s["frames"], s["readings"], s["gaps"], s["missing"]
         r.reboots, r.crc_errors, r.disconnects = s["reboots"], s["crc_errors"], s["disconnects"]
+        r.sec_rejects = dict(s.get("security", {}))
+        r.refused_commands = s.get("node_sec_rejects", 0)
     last_rx = t0
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
@@ -724,6 +554,23 @@ def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
                 if kind and kind != "none" and f.get("actionable"):
                     nodes[n].actions[kind] += 1
     return Report(nodes, dict(zone_windows), dict(no_quorum), sim_end, dict(zone_last))
+
+
+def security_lines(rep: Report) -> list[str]:
+    """What the authenticated link refused: frames the monitor rejected, commands nodes refused."""
+    if not rep.auth:
+        return ["authentication: off (frames not verified)"]
+    rejected = sum(sum(r.sec_rejects.values()) for r in rep.nodes.values())
+    refused = sum(r.refused_commands for r in rep.nodes.values())
+    lines = [f"authentication: every node strict (HMAC-SHA256 tag on every frame and command); "
+             f"{rejected} frame(s) rejected by the monitor, {refused} command(s) refused by the nodes"]
+    for r in rep.nodes.values():
+        if r.sec_rejects or r.refused_commands:
+            what = ", ".join(f"{k} {v}" for k, v in sorted(r.sec_rejects.items()))
+            lines.append(f"  {r.node}: " + "; ".join(x for x in (
+                f"rejected {what}" if what else "", f"refused {r.refused_commands} command(s)"
+                if r.refused_commands else "") if x) + " (security events in the database)")
+    return lines
 
 
 def _verdict_text(r: NodeReport) -> str:
@@ -800,11 +647,12 @@ def format_report(rep: Report, *, db: Path, wall: float, speed: float, setpoints
             else:
                 lines.append(f"not detected: the sabotaged {node} was never singled out "
                              "(run longer, or with more nodes in its zone)")
+    lines += security_lines(rep)
     if rep.repairs:
         lines += ["", "repair (journaled in the database; simulated time; the monitor lets go of a node's port "
                       "while it is repaired, so its gaps include the repair):"]
         for ev in rep.repairs:
-            lines.append(f"  {_sim_clock(ev.sim_s)} {ev.node}: {ev.text}" + ("" if ev.ok else "  <- FAILED"))
+            lines.append(f"  {_sim_clock(ev.at)} {ev.node}: {ev.text}" + ("" if ev.ok else "  <- FAILED"))
     wrongly = [r.node for r in detected if not any(f.text.startswith(r.node + ":") for f in injected)]
     if wrongly:
         lines.append(f"also voted out at times: {' '.join(wrongly)}")
