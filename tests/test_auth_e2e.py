@@ -230,3 +230,73 @@ def test_strict_nodes_verified_by_monitor_and_rejects_stored(tmp_path: Path) -> 
     assert "refused commands 1" in n01
     n02 = next(ln for ln in text.splitlines() if ln.strip().startswith("n02 "))
     assert "auth rejects 1 cross_node=1" in n02, n02
+
+
+def _main_py(folder: Path, sim: dict, stdin: bytes, **env_extra: str) -> subprocess.CompletedProcess[bytes]:
+    """firmware/main.py as the unix port runs it for a virtual node, commands on stdin."""
+    from canopy_host.paths import FIRMWARE_DIR, micropython_command
+    from canopy_host.unixport import micropython_env
+
+    (folder / "sim.json").write_text(json.dumps(sim))
+    env = micropython_env()
+    env.update({"CANOPY_SPEED": "0", "CANOPY_RUN_S": "20", **env_extra})
+    return subprocess.run(micropython_command() + [str(FIRMWARE_DIR / "main.py")], cwd=folder, env=env,
+                          input=stdin, capture_output=True, timeout=60)
+
+
+def _answers(out: bytes, nid: str) -> dict[int, bytes]:
+    return {int(m.group(1)): ln for ln in out.splitlines()
+            if (m := re.match(rb"^@CNP1 " + nid.encode() + rb" \d+ \d+ [AX] re=(\d+) ", ln))}
+
+
+def test_main_py_link_modes(tmp_path: Path) -> None:
+    """main.py builds the authenticated link: locked without a key (commands refused),
+    dev only when enabled (commands run, loud warning), strict with a key file."""
+    from canopy_host.protocol import encode_command
+
+    status = encode_command("m01", 5, "status")
+    # No key file, dev mode not enabled: locked. Refused, and it says why.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    proc = _main_py(locked, {"node_id": "m01", "seed": 1}, status)
+    assert proc.returncode == 0, proc.stderr
+    assert b"no key file: commands are refused" in proc.stdout
+    assert b" err=auth msg=unauth " in _answers(proc.stdout, "m01")[5]
+    assert re.search(rb"^@CNP1 m01 \d+ \d+ E code=security arg=1 ", proc.stdout, re.M)
+    # Dev mode from sim.json (what `canopy sim` writes without --master-key) or CANOPY_AUTH.
+    for name, sim, env in (("dev-sim", {"auth": "dev"}, {}), ("dev-env", {}, {"CANOPY_AUTH": "dev"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        proc = _main_py(folder, {"node_id": "m01", "seed": 1, **sim}, status, **env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count(b"UNAUTHENTICATED DEV MODE") == 1  # once per boot
+        reply = _answers(proc.stdout, "m01")[5]
+        assert b" A re=5 cmd=status ok=1 " in reply and b" auth=dev " in reply
+        assert b" !" not in reply  # dev frames are untagged
+    # A key file for this node: strict, even with dev mode asked for. An untagged command
+    # is refused; a tagged one runs; its reply is tagged under the node's key.
+    strict = tmp_path / "strict"
+    strict.mkdir()
+    (strict / "canopy_key.json").write_text(json.dumps({"v": 1, "node_id": "m01", "key": node_key("m01").hex()}))
+    body = status[: status.rindex(b" *")].replace(b" 5 C ", b" 6 C ")
+    proc = _main_py(strict, {"node_id": "m01", "seed": 1, "auth": "dev"}, status + seal(body, node_key("m01")))
+    assert proc.returncode == 0, proc.stderr
+    assert b"DEV MODE" not in proc.stdout
+    answers = _answers(proc.stdout, "m01")
+    assert b" err=auth msg=unauth " in answers[5]
+    assert b" A re=6 cmd=status ok=1 " in answers[6] and b" auth=strict " in answers[6]
+    tag = answers[6][answers[6].rindex(b" !") + 2: answers[6].rindex(b" *")]
+    assert hmac.new(node_key("m01"), body_of(answers[6]), hashlib.sha256).digest()[:16].hex().encode() == tag
+
+
+def test_protocol_doc_tag_examples_verify() -> None:
+    """The tagged examples in docs/protocol.md are real: tags under the key the text names."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    assert "master key bytes 0x00..0x1f" in doc
+    master = bytes(range(32))
+    key = hmac.new(master, b"canopy/node-key/v1/a4cf12e8d0b4", hashlib.sha256).digest()
+    tagged = [ln.encode() for ln in doc.splitlines() if ln.startswith("@CNP1 a4cf12e8d0b4 ") and " !" in ln]
+    assert len(tagged) == 3
+    for line in tagged:
+        tag = line[line.rindex(b" !") + 2: line.rindex(b" *")]
+        assert hmac.new(key, body_of(line), hashlib.sha256).digest()[:16].hex().encode() == tag, line
