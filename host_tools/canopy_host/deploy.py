@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import subprocess
 import tempfile
 import threading
@@ -244,6 +245,20 @@ class Progress:
     def total(self, nbytes: int) -> None: ...
 
     def advance(self, nbytes: int) -> None: ...
+
+
+def usb_info(port: str) -> tuple[str | None, str | None]:
+    """(USB serial number, USB location) of a port, for the registry; (None, None) if unknown."""
+    try:
+        from serial.tools import list_ports
+
+        real = os.path.realpath(port)
+        for p in list_ports.comports():
+            if p.device in (port, real):
+                return p.serial_number, p.location
+    except Exception:  # noqa: BLE001 - listing ports is a nicety, never a reason to fail
+        pass
+    return None, None
 
 
 def open_transport(port: str) -> Any:
@@ -467,6 +482,8 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
         report.mac = facts.mac
         sync_files(t, bundle, report, progress)
         progress.stage("provisioning")
+        if usb_serial is None and location is None:
+            usb_serial, location = usb_info(port)
         with guarded(t, SCAN_TIMEOUT_S, "provisioning"):
             prov = _prov.provision_node(t, board.name, master, zone=zone, node_id=node_id,
                                         registry_path=registry_path, usb_serial=usb_serial,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import registry
 from .boards import load_board
-from .deploy import SCAN_TIMEOUT_S, connect, guarded
+from .deploy import SCAN_TIMEOUT_S, connect, guarded, usb_info
 from .errors import CanopyError
 from .provision import load_master_key, provision_node, read_facts
 from .transport import resolve_port
@@ -49,18 +49,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _usb_info(port: str) -> tuple[str | None, str | None]:
-    try:
-        from serial.tools import list_ports
-
-        for p in list_ports.comports():
-            if p.device == port:
-                return p.serial_number, p.location
-    except Exception:  # listing ports is a nicety here, never a reason to fail
-        pass
-    return None, None
-
-
 def run(args: argparse.Namespace) -> int:
     if args.list:
         reg = registry.Registry.load(args.registry, strict=True)
@@ -71,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     port = resolve_port(args.port, args.sim_state)
     reg = registry.Registry.load(args.registry, strict=True)
     master = load_master_key(args.master_key)
-    serial_no, location = _usb_info(port)
+    serial_no, location = usb_info(port)
     t = connect(port, soft_reset=False)
     ok = False
     try:
