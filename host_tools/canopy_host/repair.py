@@ -235,8 +235,9 @@ def apply_findings(shadow: Shadow, findings: Iterable[Any], plan_: Plan) -> None
             if quantity not in NODE_SCALE or offset is None:
                 plan_.skipped.append((node, f"recalibrate without quantity/offset: {f}"))
                 continue
-            # consensus: the node should report value - offset; the node adds its cal
-            shadow.set_cal(node, quantity, -round(float(offset) * NODE_SCALE[quantity]))
+            # The consensus offset is measured on what the node reports, which already
+            # includes its calibration, so the correction adds to the current value.
+            shadow.adjust_cal(node, quantity, -round(float(offset) * NODE_SCALE[quantity]))
         elif kind == "push_config":
             pass  # the digest comparison below pushes the desired config
         else:

@@ -145,6 +145,10 @@ class Shadow:
         cal[channel] = int(offset)
         spec["cal"] = cal
 
+    def adjust_cal(self, node: str, channel: str, delta: int) -> None:
+        cal = (self.nodes.get(node) or {}).get("cal") or {}
+        self.set_cal(node, channel, int(cal.get(channel, 0)) + int(delta))
+
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "nodes": self.nodes}
 
