@@ -109,12 +109,26 @@ def load_config(path="config.json"):
     """config.json over the defaults; a bad file is reported and the defaults used,
     so a typo in the config cannot stop the node from keeping its failsafe duties."""
     try:
-        return _config.load(path)
-    except OSError:
-        return _config.merged()
+        return _config.merged(read_overrides(path))
     except ValueError as e:
         print("canopy: %s ignored: %s" % (path, e))
         return _config.merged()
+
+
+def read_overrides(path="config.json"):
+    """The settings in config.json as read, None without a file; `Node` merges them over
+    the defaults and checks them (once: `load_config` and then `Node` would check twice,
+    loading the checks while the node is being built, the peak of a small heap)."""
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError("config: %s must hold a JSON object" % path)
+    return data
 
 
 def make_link(node):
@@ -199,8 +213,13 @@ def main():
     # allocated, which keeps the peak down and their holes at the bottom of the heap.
     from canopy.node import Node
 
-    node = Node(hw, load_config())
-    _unload("canopy.configcheck")  # config checks: done; a later check loads them again
+    try:
+        node = Node(hw, read_overrides())
+    except ValueError as e:
+        # As in load_config: a typo in config.json must not stop the failsafe duties.
+        print("canopy: config.json ignored: %s" % e)
+        node = Node(hw)
+    _unload("canopy.configcheck")  # config checks (if config.json had any): done
     gc.collect()
     link = make_link(node)
     err = getattr(link, "repair_error", None)

@@ -17,6 +17,8 @@ import sys
 
 DEPLOYED = "board.json"
 _REQUIRED_PINS = ("shade", "mist", "fan")
+# boards/*.json fields only the host tools read (docs/flashing.md, canopy ports)
+_HOST_ONLY = ("description", "usb", "flash_offset", "mpy_arch", "firmware_pattern")
 
 
 class BoardError(ValueError):
@@ -85,4 +87,7 @@ def load(name=None):
         raise BoardError("board file %s not found (deploy boards/<name>.json as board.json)" % path)
     except ValueError:
         raise BoardError("board file %s is not valid JSON" % path)
-    return validate(b)
+    validate(b)
+    # Keep what the node uses: the host-side fields (USB ids, flash layout, description)
+    # would otherwise stay allocated with the Hardware for the node's whole life.
+    return {k: v for k, v in b.items() if k not in _HOST_ONLY}

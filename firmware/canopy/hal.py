@@ -136,6 +136,8 @@ def open(board, sim=None):
         except ImportError:
             neopixel = None
         return open_machine(board, machine, neopixel)
-    from canopy.sim import hal as sim_hal
+    # Start-up code, loaded with all the simulation modules before the first simulated
+    # object exists; main.py forgets it once the node is built.
+    from canopy.sim import build
 
-    return sim_hal.open(board, sim)
+    return build.open(board, sim)

@@ -126,6 +126,7 @@ class Node:
             # traceback each time), so a long outage stays cheap.
             if self.address not in self.hw.i2c.scan():
                 raise OSError(19)
+            self.sensor = None  # the old driver's memory may be needed for the new one
             self.sensor = BME280(self.hw.i2c, address=self.address)
             self.sensor.start()
             self._pending = True

@@ -42,33 +42,6 @@ except ImportError:  # CPython
         return x
 
 
-# Datasheet example temperature/pressure calibration (BMP280/BME280 worked example) and
-# humidity constants typical of real parts.
-DEFAULT_CALIBRATION = {
-    "T1": 27504, "T2": 26435, "T3": -1000,
-    "P1": 36477, "P2": -10685, "P3": 3024, "P4": 2855, "P5": 140, "P6": -7,
-    "P7": 15500, "P8": -14600, "P9": 6000,
-    "H1": 75, "H2": 362, "H3": 0, "H4": 313, "H5": 50, "H6": 30,
-}
-
-
-def _field_range(name):
-    # (min, max) of a calibration register field, None for an unknown name. A function
-    # rather than a table: only calibration overrides need it, and a dict of 18 tuples
-    # would stay on a virtual node's heap for nothing.
-    if name in ("T1", "P1"):
-        return (0, 65535)
-    if name in ("H1", "H3"):
-        return (0, 255)
-    if name in ("H4", "H5"):
-        return (-2048, 2047)
-    if name == "H6":
-        return (-128, 127)
-    if name in DEFAULT_CALIBRATION:
-        return (-32768, 32767)
-    return None
-
-
 CHIP_ID = const(0x60)
 _REG_CHIP_ID = const(0xD0)
 _REG_RESET = const(0xE0)
@@ -91,20 +64,10 @@ def _oversampling(field):
 
 class SimBME280:
     def __init__(self, calibration=None, clock_ms=None):
-        cal = dict(DEFAULT_CALIBRATION)
-        if calibration:
-            for k, v in calibration.items():
-                rng = _field_range(k)
-                if rng is None:
-                    raise ValueError("unknown calibration field %r (expected T1..T3, P1..P9, H1..H6)" % (k,))
-                lo, hi = rng
-                if not isinstance(v, int) or v < lo or v > hi:
-                    raise ValueError("calibration %s must be an int in %d..%d, got %r" % (k, lo, hi, v))
-                cal[k] = v
-        # Only the packed registers and the 18 values as a list stay: the dict would cost
-        # another ~0.7 KB on a virtual node's heap for nothing.
-        self._c = [cal[k] for k in ("T1", "T2", "T3", "P1", "P2", "P3", "P4", "P5", "P6",
-                                    "P7", "P8", "P9", "H1", "H2", "H3", "H4", "H5", "H6")]
+        from canopy.sim import build  # start-up code; already loaded on a virtual node
+
+        # T1..T3, P1..P9, H1..H6 as a list: a dict would cost ~0.7 KB more on a small heap
+        self._c = build.calibration(calibration)
         self._clock = clock_ms
         self.present = True
         self.chip_id = CHIP_ID
@@ -114,7 +77,7 @@ class SimBME280:
         self.status_reads = 0
         self.data_reads_while_measuring = 0
         self._regs = bytearray(256)
-        self._pack_calibration(cal)
+        build.pack_calibration(self._regs, self._c)
         self._offset_c = 0.0
         self._offset_tf = 0
         self._drift_c = 0.0
@@ -128,24 +91,6 @@ class SimBME280:
         self.set_environment(25.0, 101325.0, 50.0)
 
     # -- calibration and compensation (plain ints: exact in the kernel's domain) ----------
-
-    def _pack_calibration(self, c):
-        r = self._regs
-        for i, k in enumerate(("T1", "T2", "T3", "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")):
-            v = c[k] & 0xFFFF
-            r[0x88 + 2 * i] = v & 0xFF
-            r[0x89 + 2 * i] = v >> 8
-        r[0xA1] = c["H1"]
-        h2 = c["H2"] & 0xFFFF
-        r[0xE1] = h2 & 0xFF
-        r[0xE2] = h2 >> 8
-        r[0xE3] = c["H3"]
-        h4 = c["H4"] & 0xFFF
-        h5 = c["H5"] & 0xFFF
-        r[0xE4] = h4 >> 4
-        r[0xE5] = (h4 & 0x0F) | ((h5 & 0x0F) << 4)
-        r[0xE6] = h5 >> 4
-        r[0xE7] = c["H6"] & 0xFF
 
     def _tf(self, adc_t):
         c = self._c
@@ -196,30 +141,18 @@ class SimBME280:
             lo -= 1
         return lo
 
-    def _invert_p(self, target_pa, tf):
-        # pressure falls as adc_P rises
+    def _invert_ph(self, fn, s, target, hi, tf):
+        # adc_P or adc_H for a target pressure/humidity: the nearest raw value, by bisection
+        # on fn. s = 1 when fn rises with the raw value (humidity), -1 when it falls
+        # (pressure): the sign flips the comparisons so one search serves both.
         lo = 0
-        hi = 0xFFFFF
         while lo < hi:
             mid = (lo + hi) >> 1
-            if self._pres(mid, tf) > target_pa:
+            if s * fn(mid, tf) < s * target:
                 lo = mid + 1
             else:
                 hi = mid
-        if lo > 0 and self._pres(lo - 1, tf) - target_pa < target_pa - self._pres(lo, tf):
-            lo -= 1
-        return lo
-
-    def _invert_h(self, target, tf):
-        lo = 0
-        hi = 0xFFFF
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if self._hum(mid, tf) < target:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo > 0 and target - self._hum(lo - 1, tf) < self._hum(lo, tf) - target:
+        if lo > 0 and s * (target - fn(lo - 1, tf)) < s * (fn(lo, tf) - target):
             lo -= 1
         return lo
 
@@ -234,8 +167,8 @@ class SimBME280:
         adc_t = self._invert_t(self._env_tf)
         tf = self._tf(adc_t)  # P and H raw values follow the true temperature
         self._adc_t = adc_t
-        self._adc_p = self._invert_p(p_pa, tf)
-        self._adc_h = self._invert_h(h_pct * 1024, tf)
+        self._adc_p = self._invert_ph(self._pres, -1, p_pa, 0xFFFFF, tf)
+        self._adc_h = self._invert_ph(self._hum, 1, h_pct * 1024, 0xFFFF, tf)
         self._refresh_t()
 
     def set_raw(self, adc_t, adc_p, adc_h):

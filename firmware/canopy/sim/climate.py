@@ -24,6 +24,10 @@ Usage::
     c = Canopy(w, seed=1234)
     c.step(60.0, shade=0.5, mist=0.0, fan=0.2)   # one simulated minute
     c.t_c, c.rh_pct, c.p_pa
+
+Literals in float arithmetic are written as ints where the value is integral (``/ 100``,
+not ``/ 100.0``): the same result, without one float object per literal in the loaded code
+(floats are heap objects on the unix port; docs/firmware.md "Memory budget").
 """
 
 import math
@@ -37,12 +41,13 @@ SUN_RISE = 8.0  # K above ambient in full sun, no shade, no fan (steady state)
 MIST_RATE = 0.03  # hPa/s of vapour added at full mist into dry air
 MAX_DT = 2.0  # integration sub-step (s); the fastest time constant is TAU_S/4
 
-# kind -> (mean temperature C, daily swing C, mean RH %, peak sun 0..1)
+# kind -> (mean temperature C, daily swing C, mean RH %, peak sun 0..1), all in tenths:
+# small ints, so the table keeps no float objects alive on a virtual node's heap.
 KINDS = {
-    "hot": (33.0, 4.0, 35.0, 1.0),
-    "mild": (21.0, 3.0, 55.0, 0.6),
-    "humid": (29.0, 3.0, 75.0, 0.8),
-    "cool": (15.0, 2.0, 65.0, 0.4),
+    "hot": (330, 40, 350, 10),
+    "mild": (210, 30, 550, 6),
+    "humid": (290, 30, 750, 8),
+    "cool": (150, 20, 650, 4),
 }
 
 
@@ -87,7 +92,8 @@ class Weather:
         if kind not in KINDS:
             raise ValueError("unknown weather %r (one of %s)" % (kind, ", ".join(sorted(KINDS))))
         self.kind = kind
-        self.t_mean, self.t_swing, self.rh_mean, self.sun_peak = KINDS[kind]
+        t, swing, rh, sun = KINDS[kind]
+        self.t_mean, self.t_swing, self.rh_mean, self.sun_peak = t / 10, swing / 10, rh / 10, sun / 10
         self.start_s = start_hour * 3600.0
         r = Rng(zone_seed)
         # Slow gusts of warm/cool air and passing clouds: a few seeded sinusoids with
@@ -98,29 +104,24 @@ class Weather:
         self.p_base = 101325.0 + r.uniform(-800, 800)
         self.p_phase = r.uniform(0, 6.283)
 
-    def _day_phase(self, t_s):
-        # 0 at 03:00 (coldest), 1 at 15:00 (warmest)
-        hour = ((self.start_s + t_s) / 3600.0) % 24.0
-        return 0.5 - 0.5 * math.cos((hour - 3.0) / 24.0 * 2 * math.pi)
-
     def at(self, t_s):
         """(temperature C, RH %, pressure Pa, sun 0..1) at simulated second t_s."""
-        day = self._day_phase(t_s)
+        hour = ((self.start_s + t_s) / 3600) % 24
+        day = 0.5 - 0.5 * math.cos((hour - 3) / 24 * 2 * math.pi)  # 0 at 03:00, 1 at 15:00
         t = self.t_mean + self.t_swing * (day - 0.5) * 2
         w = self.t_waves
         for i in range(0, 9, 3):
             t += w[i] * math.sin(2 * math.pi * t_s / w[i + 1] + w[i + 2])
-        hour = ((self.start_s + t_s) / 3600.0) % 24.0
-        sun = max(0.0, math.sin((hour - 6.0) / 12.0 * math.pi)) * self.sun_peak
+        sun = max(0.0, math.sin((hour - 6) / 12 * math.pi)) * self.sun_peak
         clouds = 0.0
         w = self.cloud_waves
         for i in range(0, 9, 3):
             clouds += w[i] * math.sin(2 * math.pi * t_s / w[i + 1] + w[i + 2])
         sun *= min(1.0, max(0.0, 1.0 - max(0.0, clouds)))
         # Absolute humidity holds roughly steady over a day, so RH falls as it warms.
-        e = sat_vp(self.t_mean) * self.rh_mean / 100.0
-        rh = min(100.0, 100.0 * e / sat_vp(t))
-        p = self.p_base + 150.0 * math.sin(2 * math.pi * t_s / 21600.0 + self.p_phase)
+        e = sat_vp(self.t_mean) * self.rh_mean / 100
+        rh = min(100.0, 100 * e / sat_vp(t))
+        p = self.p_base + 150 * math.sin(2 * math.pi * t_s / 21600 + self.p_phase)
         return t, rh, p, sun
 
 
@@ -137,14 +138,14 @@ class Canopy:
         ta, rh, p, sun = weather.at(0.0)
         # Start where an unattended canopy sits: in equilibrium with shade open, no mist, no fan.
         self.t_c = ta + SUN_RISE * self.sun_gain * sun
-        self.e_hpa = sat_vp(ta) * rh / 100.0
+        self.e_hpa = sat_vp(ta) * rh / 100
         self.p_pa = p
         self.ambient_t_c = ta
         self.sun = sun
 
     @property
     def rh_pct(self):
-        return min(100.0, 100.0 * self.e_hpa / sat_vp(self.t_c))
+        return min(100.0, 100 * self.e_hpa / sat_vp(self.t_c))
 
     def step(self, dt_s, shade, mist, fan):
         """Advance dt_s simulated seconds with actuator positions 0..1."""
@@ -152,11 +153,11 @@ class Canopy:
             h = MAX_DT if dt_s > MAX_DT else dt_s
             dt_s -= h
             ta, rh_a, p, sun = self.weather.at(self.t_s)
-            ea = sat_vp(ta) * rh_a / 100.0
-            k = self.k0 * (1.0 + FAN_BOOST * fan)
+            ea = sat_vp(ta) * rh_a / 100
+            k = self.k0 * (1 + FAN_BOOST * fan)
             es = sat_vp(self.t_c)
-            evap = MIST_RATE * mist * max(0.0, 1.0 - self.e_hpa / es)
-            load = SUN_RISE * self.k0 * self.sun_gain * sun * (1.0 - SHADE_BLOCK * shade)
+            evap = MIST_RATE * mist * max(0.0, 1 - self.e_hpa / es)
+            load = SUN_RISE * self.k0 * self.sun_gain * sun * (1 - SHADE_BLOCK * shade)
             self.t_c += h * (k * (ta - self.t_c) + load - evap / GAMMA)
             self.e_hpa += h * (k * (ea - self.e_hpa) + evap)
             self.t_s += h

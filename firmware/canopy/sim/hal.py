@@ -16,18 +16,9 @@ Usage::
     hw.sleep_ms(60000)            # one simulated minute, no wall-clock wait
 """
 
-import json
-import os
 import time
 
-# Imported with this module, not inside open(): all simulation code is loaded before the
-# first simulated object exists, so long-lived code and start-up garbage do not
-# interleave on a small heap.
-from canopy import hal
-from canopy.sim.world import World
-
 TICKS_MASK = 0x3FFFFFFF  # time.ticks_* arithmetic wraps at 2**30
-_open_file = open  # this module defines its own open(board, sim)
 
 
 class SimPWM:
@@ -121,30 +112,11 @@ class SimClock:
         raise SystemExit(3)
 
 
-def load_sim(path="sim.json"):
-    """The virtual node's sim.json as a dict ({} when there is none)."""
-    try:
-        with _open_file(path) as f:
-            return json.load(f)
-    except OSError:
-        return {}
+# Building the simulated hardware (open, load_sim) is start-up code: it lives in
+# canopy.sim.build, which main.py forgets once the node runs.
+def __getattr__(name):
+    if name in ("open", "load_sim"):
+        from canopy.sim import build
 
-
-def open(board, sim=None):
-    if sim is None:
-        sim = load_sim()
-    world = World(sim)
-    pins = board["pins"]
-    shade = hal.Servo(SimPWM(pins["shade"], freq=hal.SERVO_FREQ, duty_u16=0))
-    mist = hal.PwmOut(SimPWM(pins["mist"], freq=hal.MIST_FREQ, duty_u16=0))
-    fan = hal.PwmOut(SimPWM(pins["fan"], freq=hal.FAN_FREQ, duty_u16=0))
-    shade.set(0)
-    led = hal.GpioLed(SimPin(pins.get("status_led", 0), SimPin.OUT))
-    world.connect(shade.pwm, mist.pwm, fan.pwm, led.pin)
-    speed = os.getenv("CANOPY_SPEED") or sim.get("speed", 1.0)
-    try:
-        speed = float(speed)
-    except ValueError:
-        raise ValueError("speed must be a number (simulated seconds per wall second), got %r" % speed)
-    clock = SimClock(world, speed)
-    return hal.Hardware(board, world.i2c, shade, mist, fan, led, clock, True, world)
+        return getattr(build, name)
+    raise AttributeError(name)

@@ -31,52 +31,26 @@ from canopy.sim.climate import Canopy, Rng, Weather
 from canopy.sim.i2c import SimI2C
 
 BME280_ADDR = 0x76
-FAULT_KINDS = ("stuck", "drift", "spike", "sensor_off")
-_DEFAULT_VALUE = {"drift": 0.01, "spike": 15.0}
 STEP_MS = 1000
 # Measurement noise of a real BME280 (datasheet RMS noise at oversampling x1 is about
 # 0.005 C / 3 Pa / 0.02 %RH; we use a little more so readings are never frozen exactly).
 NOISE_T_C = 0.02
 NOISE_P_PA = 3.0
 NOISE_H_PCT = 0.05
-
-
-class SimError(ValueError):
-    """sim.json asks for something the world cannot do; the message says what."""
-
-
-def parse_faults(faults):
-    """Validate the sim.json fault list; return (kind, start_ms, end_ms, value) tuples."""
-    out = []
-    if not faults:
-        return out
-    if not isinstance(faults, list):
-        raise SimError("sim.json 'faults' must be a list")
-    for i, f in enumerate(faults):
-        if not isinstance(f, dict):
-            raise SimError("sim.json faults[%d] must be an object" % i)
-        kind = f.get("kind")
-        if kind not in FAULT_KINDS:
-            raise SimError("sim.json faults[%d].kind %r: use one of %s" % (i, kind, ", ".join(FAULT_KINDS)))
-        at = f.get("at_s", 0)
-        dur = f.get("duration_s", 0)
-        if not isinstance(at, (int, float)) or at < 0 or not isinstance(dur, (int, float)) or dur < 0:
-            raise SimError("sim.json faults[%d]: at_s and duration_s must be numbers >= 0" % i)
-        value = f.get("value")
-        if value is None:
-            value = _DEFAULT_VALUE.get(kind, 0.0)
-        start = int(at * 1000)
-        out.append((kind, start, start + int(dur * 1000), float(value)))
-    return out
+_AT_REST = (0.0, 0.0, 0.0)  # shade, mist, fan before the firmware drives them
 
 
 class World:
     def __init__(self, sim=None):
         sim = sim or {}
-        self.sim = sim
+        # sim.json as given, for the link (mesh section) and tools; the fault list is kept
+        # parsed (self.faults) only, not twice on a small heap
+        self.sim = {k: v for k, v in sim.items() if k != "faults"}
         self.node_id = sim.get("node_id", "sim")
         self.now_ms = 0
         kind = sim.get("weather", "mild")
+        from canopy.sim.build import SimError, parse_faults
+
         try:
             self.weather = Weather(int(sim.get("zone_seed", 0)), kind, float(sim.get("start_hour", 13.0)),
                                    float(sim.get("gusts", 1.0)))
@@ -91,7 +65,7 @@ class World:
         self.i2c.attach(BME280_ADDR, self.sensor)
         self._pwm = None
         self.led = None
-        self.positions = (0.0, 0.0, 0.0)
+        self.positions = _AT_REST
         self.active = ()
         self._apply_faults()
         self._feed_sensor()
@@ -107,7 +81,7 @@ class World:
     def actuator_positions(self):
         """(shade, mist, fan) as 0..1, as the hardware would move them."""
         if self._pwm is None:
-            return (0.0, 0.0, 0.0)
+            return _AT_REST
         s, m, f = self._pwm
         # The servo's travel maps 1.0..2.0 ms; outside that it sits at its end stop.
         shade = (s.pulse_ns() - 1000000) / 1000000
@@ -121,7 +95,7 @@ class World:
             ms -= h
             self.positions = self.actuator_positions()
             shade, mist, fan = self.positions
-            self.canopy.step(h / 1000.0, shade, mist, fan)
+            self.canopy.step(h / 1000, shade, mist, fan)
             self.now_ms += h
             self._apply_faults()
         self._feed_sensor()
@@ -147,7 +121,7 @@ class World:
             elif kind == "sensor_off":
                 present = False
             elif kind == "drift":
-                offset += value * (now - start) / 1000.0
+                offset += value * (now - start) / 1000
         self.sensor.stuck = stuck
         self.sensor.present = present
         self.sensor.offset_t_c = offset
