@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from canopy_host.paths import BOARDS_DIR, FIRMWARE_DIR, micropython_command, mpy_cross_command
-from canopy_host.unixport import call_batch, micropython_env
+from canopy_host.paths import BOARDS_DIR, FIRMWARE_DIR, micropython_command
+from canopy_host.unixport import call_batch, compiled_firmware, micropython_env
 from conftest import MPY_TEST_DIR
 
 SAFE = {"safe_shade": 5000, "safe_fan": 3000}  # DEFAULT_CONFIG values, restated to assert against
@@ -103,15 +103,6 @@ def test_commands_validate_and_take_effect() -> None:
     assert set(led[9:13]) == {0, 1} and all(led[i] != led[i + 1] for i in range(9, 12))
 
 
-def _compile_firmware(dst: Path) -> None:
-    for src in FIRMWARE_DIR.rglob("*.py"):
-        rel = src.relative_to(FIRMWARE_DIR)
-        out = dst / rel.with_suffix(".mpy")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(mpy_cross_command() + ["-march=x64", "-o", str(out), str(src)],
-                       check=True, capture_output=True, timeout=60)
-
-
 def _run_node(folder: Path, fw: Path, heapsize: str, link: str, run_s: int) -> subprocess.CompletedProcess:
     env = micropython_env()
     env.update({"MICROPYPATH": str(fw), "CANOPY_LINK": link, "CANOPY_SPEED": "0",
@@ -123,16 +114,20 @@ def _run_node(folder: Path, fw: Path, heapsize: str, link: str, run_s: int) -> s
 
 
 # The virtual node (firmware + simulated sensor, bus and microclimate), compiled to .mpy
-# as deployed, on the 64-bit unix port. Measured smallest heap: 74k with the text link
-# (~73 KB stays allocated; the framed link with the repair agent needs 116k, see
-# tests/test_heap.py). Objects on the 64-bit port are up to twice their ESP32 size.
-VIRTUAL_NODE_HEAP = "80k"
+# as deployed, on the 64-bit unix port, in the heap issue 2 asks for. Measured: ~62 KB
+# stays allocated with the text link, of the ~63 KB a 64k heap offers; the framed link
+# with the repair agent needs more, see tests/test_heap.py and docs/firmware.md "Memory
+# budget". Objects on the 64-bit port are up to twice their ESP32 size.
+VIRTUAL_NODE_HEAP = "64k"
 
 
 @pytest.fixture(scope="module")
-def compiled_fw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    fw = tmp_path_factory.mktemp("fw")
-    _compile_firmware(fw)
+def compiled_fw() -> Path:
+    # The precompiled cache `canopy sim` runs virtual nodes from (relative source names,
+    # as deployed .mpy files have them).
+    fw = compiled_firmware()
+    if fw is None:
+        pytest.skip("no mpy-cross or unknown unix-port architecture")
     return fw
 
 
@@ -151,11 +146,52 @@ def test_virtual_node_runs_in_small_heap(compiled_fw: Path, tmp_path: Path) -> N
     assert "event=recovered" in proc.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="target from the issue: ~73 KB of the text-link node stays allocated on "
-                   "the 64-bit port (74k is the smallest heap that runs it); docs/firmware.md 'Memory budget'")
-def test_virtual_node_runs_in_64k(compiled_fw: Path, tmp_path: Path) -> None:
-    proc = _run_node(_node_folder(tmp_path), compiled_fw, "64k", "text", 120)
+def test_virtual_node_runs_in_64k_through_every_fault_kind(compiled_fw: Path, tmp_path: Path) -> None:
+    folder = _node_folder(tmp_path)
+    (folder / "sim.json").write_text(json.dumps({"seed": 1, "weather": "hot", "faults": [
+        {"at_s": 15, "kind": "spike"},
+        {"at_s": 25, "kind": "drift", "duration_s": 30},
+        {"at_s": 60, "kind": "sensor_off", "duration_s": 20},
+        {"at_s": 90, "kind": "stuck", "duration_s": 25},
+    ]}))
+    proc = _run_node(folder, compiled_fw, "64k", "text", 180)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("R ")] == [
+        "t=60s", "t=120s", "t=180s"]
+    events = [ln.split()[2] for ln in proc.stdout.splitlines() if ln.startswith("E ")]
+    # the outage and the stuck sensor both put the node in failsafe and it comes back
+    assert events.count("event=failsafe") >= 2 and events.count("event=recovered") >= 2
+    assert "event=sensor" in events
+
+
+def test_defaults_pass_the_config_checks() -> None:
+    # config.merged() skips the checks without overrides (so a node without a
+    # config.json never loads canopy.configcheck); that is only right if they pass.
+    code = ("from canopy import config\n"
+            "d = config.DEFAULT_CONFIG\n"
+            "c = config.validate(dict(d, ema_shift=list(d['ema_shift'])))\n"
+            "print(c == config.merged(), 'canopy.configcheck' in __import__('sys').modules)\n"
+            "try:\n"
+            "    config.merged({'tick_ms': 5})\n"
+            "except ValueError as e:\n"
+            "    print('rejected', e)\n")
+    env = micropython_env()
+    env["MICROPYPATH"] = str(FIRMWARE_DIR)
+    proc = subprocess.run(micropython_command() + ["-c", code], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["True True", "rejected config: 'tick_ms'=5 outside 10..3600000"]
+
+
+def test_bad_config_json_is_reported_and_the_defaults_run(compiled_fw: Path, tmp_path: Path) -> None:
+    folder = _node_folder(tmp_path)
+    for bad, why in (('{"tick_ms": 5}', "'tick_ms'=5 outside"), ("[1, 2]", "must hold a JSON object"),
+                     ('{"tick_ms": ', "")):
+        (folder / "config.json").write_text(bad)
+        proc = _run_node(folder, compiled_fw, "2m", "text", 2)
+        assert proc.returncode == 0, proc.stderr
+        assert f"canopy: config.json ignored: " in proc.stdout and why in proc.stdout
+        assert "tick=1000ms" in proc.stdout
 
 
 def test_boot_id_persists_in_the_node_folder(compiled_fw: Path, tmp_path: Path) -> None:
