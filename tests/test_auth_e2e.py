@@ -300,3 +300,60 @@ def test_protocol_doc_tag_examples_verify() -> None:
     for line in tagged:
         tag = line[line.rindex(b" !") + 2: line.rindex(b" *")]
         assert hmac.new(key, body_of(line), hashlib.sha256).digest()[:16].hex().encode() == tag, line
+
+
+def test_collector_counts_rejects_and_the_dashboard_shows_them(tmp_path: Path) -> None:
+    """In process: a genuine tagged reading is data, a tampered copy is a security event,
+    and the dashboard (wide and compact) shows the reject."""
+    import io
+
+    from rich.console import Console
+
+    from canopy_host.dashboard import render
+    from canopy_host.monitor import Collector, PortSpec
+    from canopy_host.protocol import FrameParser
+    from canopy_host.security import HostAuth
+    from canopy_host.store import Store
+
+    good = seal(b"@CNP1 n01 3 0 E code=boot arg=3", node_key("n01"))
+    bad = good.replace(b"arg=3", b"arg=4")
+    bad = bad[: bad.rindex(b" *")] + b" *%08x\n" % zlib.crc32(bad[: bad.rindex(b" *")])
+    store = Store(tmp_path / "c.db")
+    c = Collector(store, auth=HostAuth(MASTER, tmp_path / "ctr.json"), clock=lambda: 1000.0)
+    ps = c.add_port(PortSpec(label="/dev/pts/1", path="/dev/pts/1"))
+    parser = FrameParser()
+    c.ingest(ps, parser, parser.feed(good + bad + good), 1000.0)  # genuine, forged, replayed
+    store.close()
+    summary = c.summary()
+    assert summary["sec_rejects"] == 2
+    assert summary["nodes"]["n01"]["security"] == {"forged": 1, "replay": 1}
+    assert summary["nodes"]["n01"]["frames"] == 1 and summary["nodes"]["n01"]["duplicates"] == 0
+    con = sqlite3.connect(tmp_path / "c.db")
+    assert con.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 1
+    details = [d for (d,) in con.execute("SELECT detail FROM link_events WHERE kind='security' ORDER BY id")]
+    assert details == ["forged " + bad.decode().rstrip("\n"), "replay " + good.decode().rstrip("\n")]
+    nodes, ports = c.snapshot()
+    for width, want in ((300, "2 forged 1,replay 1"), (120, "auth rej")):
+        con_ = Console(record=True, width=width, file=io.StringIO())
+        con_.print(render(nodes, ports, [], 1000.0, "t", width=width))
+        text = con_.export_text()
+        assert want in text, text
+
+
+def test_monitor_finds_the_key_a_sim_recorded(tmp_path: Path) -> None:
+    import argparse
+
+    from canopy_host.monitor_cmd import master_key_file
+
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"master_key_file": "/keys/mesh.key", "nodes": []}))
+    ns = lambda **kw: argparse.Namespace(**{"master_key": None, "sim_state": None, "no_auth": False, **kw})  # noqa: E731
+    assert master_key_file(ns(sim_state=str(state))) == Path("/keys/mesh.key")
+    assert master_key_file(ns(sim_state=str(state), master_key="own.key")) == Path("own.key")
+    assert master_key_file(ns(sim_state=str(state), no_auth=True)) is None
+    assert master_key_file(ns()) is None
+    # A key file that is not there is a clear error, not a traceback.
+    proc = subprocess.run([sys.executable, "-m", "canopy_host.cli", "monitor", "--master-key",
+                           str(tmp_path / "missing.key"), "--duration", "1", "socket://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "missing.key" in proc.stderr and "Traceback" not in proc.stderr
