@@ -23,6 +23,7 @@ examples:
   canopy monitor sim:n01 sim:n03                # virtual nodes by id ($CANOPY_SIM_STATE or var/sim/state.json)
   canopy monitor --json /dev/ttyACM0 | jq -c 'select(.kind=="event")'
   canopy monitor --master-key mesh.key /dev/ttyUSB0   # check every frame's tag (docs/security.md)
+  canopy monitor --sim-state var/sim/state.json --repair var/shadow.json   # repair live (docs/repair.md)
 
 Every frame goes into the SQLite file given by --db (WAL mode; safe to read while the
 monitor runs), with link events (connects, disconnects, reboots, gaps, CRC errors,
@@ -62,8 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--no-auth", action="store_true",
                    help="do not verify tags even if the sim state file names a key")
     p.add_argument("--repair", metavar="SHADOW",
-                   help="when the session ends, run `canopy repair` with this shadow file on the nodes seen "
-                        "(journal in --db; see docs/repair.md)")
+                   help="repair while monitoring: quarantine and recalibrate nodes the zone consensus finds "
+                        "measurably wrong, release them once they agree again (the node under repair lends "
+                        "its port, the others stay monitored); when the session ends, one `canopy repair` "
+                        "pass with this shadow file over the nodes seen (journal in --db; docs/repair.md)")
     p.set_defaults(func=run)
 
 
@@ -186,6 +189,40 @@ def make_auth(args: argparse.Namespace) -> Any:
     return auth
 
 
+def _repair_loop(args: argparse.Namespace, collector: Any, readers: list[Any], store: Any) -> Any:
+    """The continuous repair loop (canopy_host.repair_loop) over this session's readings."""
+    from .repair import SerialClient
+    from .repair_loop import RepairLoop, readers_lender
+    # Consensus windows are in the nodes' time: a `canopy sim --speed X` node lives X
+    # simulated seconds per wall second (the fault classes' slew limits are physical).
+    timescale = 1.0
+    if args.sim_state:
+        try:
+            timescale = float(json.loads(Path(args.sim_state).read_text()).get("speed") or 1.0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            timescale = 1.0
+        if not timescale > 0:
+            timescale = 1.0
+
+    def port_of(node: str) -> str:
+        if args.sim_state:
+            return f"sim:{node}"
+        with collector.lock:
+            return next((p.path for p in collector.ports if p.node == node and p.path), f"sim:{node}")
+
+    def client_for(node: str) -> Any:
+        # Tagged commands (persisted counter) and verified replies when frames are verified.
+        return SerialClient({node: port_of(node)}, timeout=3.0, state_file=args.sim_state, auth=collector.auth)
+
+    def zones() -> dict[str, str]:
+        with collector.lock:
+            return {n: st.zone or "?" for n, st in collector.nodes.items()}
+
+    return RepairLoop(args.db, args.repair, lend=readers_lender(lambda: list(readers)), client_for=client_for,
+                      t0=time.time(), timescale=timescale, zone_of=zones, say=collector.messages.append,
+                      flush=store.flush)
+
+
 def run(args: argparse.Namespace) -> int:
     from .monitor import Collector, PortReader
     from .store import Store
@@ -202,12 +239,17 @@ def run(args: argparse.Namespace) -> int:
         raise CanopyError(f"the protocol module is not available: {exc}") from None
     specs = _collect_specs(args)
     auth = make_auth(args)
+    if getattr(args, "repair", None):
+        from .shadow import load_shadow
+
+        load_shadow(args.repair)  # a missing or broken shadow file is a usage error, before anything starts
     store = Store(args.db, max_delay=args.commit_interval)
     broken = threading.Event()
     collector = Collector(store, on_frame=_json_writer(sys.stdout, broken) if args.json else None, auth=auth)
     if auth is None:
         collector.messages.append("tags not checked (no --master-key): frames are trusted as received")
     readers = [PortReader(collector.add_port(s), collector, baud=args.baud) for s in specs]
+    loop = _repair_loop(args, collector, readers, store) if getattr(args, "repair", None) else None
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -222,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for r in readers:
             r.start()
+        if loop is not None:
+            loop.start()
         if not args.json:
             from .dashboard import Dashboard
 
@@ -257,6 +301,8 @@ def run(args: argparse.Namespace) -> int:
         # A second Ctrl-C must not abort the final flush.
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
+            if loop is not None:
+                loop.stop()  # a repair under way finishes first: it holds a lent port
             for r in readers:
                 r.stop()
             for r in readers:
@@ -278,7 +324,15 @@ def run(args: argparse.Namespace) -> int:
     _print_summary(collector.summary(), args.db, sys.stderr if args.json else sys.stdout)
     if store.error is not None:
         raise CanopyError(f"writing {args.db!r} failed: {store.error}")
+    if loop is not None:
+        out = sys.stderr if args.json else sys.stdout
+        for ev in loop.events:
+            print(f"  repair: {ev.node}: {ev.text}" + ("" if ev.ok else "  <- FAILED"), file=out)
+        if not loop.events:
+            print(f"  repair: no node needed a repair ({loop.checks} consensus checks)", file=out)
     if getattr(args, "repair", None):
+        # The loop only acts on consensus findings; this pass brings every node seen to
+        # the shadow's desired state (configs included) now that the ports are free.
         from .repair_cmd import after_monitor
 
         seen = {p["node"]: path for path, p in collector.summary()["ports"].items() if p["node"]}
