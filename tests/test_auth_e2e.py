@@ -357,3 +357,28 @@ def test_monitor_finds_the_key_a_sim_recorded(tmp_path: Path) -> None:
                            str(tmp_path / "missing.key"), "--duration", "1", "socket://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "missing.key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_strict_and_its_replayed_command_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "canopy_host.cli", "demo", "--duration", "6", "--speed", "40",
+                           "--nodes", "4", "--zones", "1", "--no-repair", "--plain", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Traceback" not in out + proc.stderr
+    assert "attack: a command to n03 replayed" in out  # the one node no fault touches
+    assert "0 frame(s) rejected by the monitor, 1 command(s) refused by the nodes" in out
+    assert "replay attack on n03: refused by the node" in out
+    assert (tmp_path / "mesh.key").stat().st_mode & 0o077 == 0  # the demo's own key, owner-only
+    db = Path(re.search(r"database: (\S+)", out).group(1))
+    con = sqlite3.connect(db)
+    refusals = con.execute("SELECT node, extra FROM frames WHERE kind='error' AND extra LIKE '%auth%'").fetchall()
+    assert [(n, json.loads(e)["msg"]) for n, e in refusals] == [("n03", "replay")]
+    assert con.execute("SELECT COUNT(*) FROM link_events WHERE kind='security'").fetchone()[0] == 0
+    con.close()
+    # Every node ran strict: its key file is the one derived from the demo's key.
+    master = bytes.fromhex((tmp_path / "mesh.key").read_text().strip())
+    for nid in ("n01", "n02", "n03", "n04"):
+        kf = json.loads((tmp_path / "sim" / nid / "canopy_key.json").read_text())
+        assert kf["key"] == hmac.new(master, b"canopy/node-key/v1/" + nid.encode(), hashlib.sha256).hexdigest()

@@ -25,6 +25,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -337,6 +338,16 @@ def run_mesh(args: argparse.Namespace) -> int:
           f"{duration:g} s at {speed:g}x ({_sim_clock(sim_s)} simulated)")
     for f in injected:
         print(f"  fault: {f.text}" + (f"  ({f.role})" if f.role else ""))
+    # One attack on the authenticated link with the default faults: a node that no fault
+    # touches gets a tagged command, then the very same bytes again (a recorded command
+    # played back). The node must refuse the second; the monitor counts its refusal.
+    attack = None
+    if not args.fault and not args.no_faults:
+        attack = next((n for n in sorted(zone_of_ids(nodes, zones))
+                       if not any(f.text.startswith(n + ":") for f in injected)), None)
+    if attack is not None:
+        print(f"  attack: a command to {attack} replayed at {_sim_clock(ATTACK_AT * sim_s)} "
+              "(the node must refuse it)")
     print(f"  database: {db}", flush=True)
 
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -377,9 +388,14 @@ def run_mesh(args: argparse.Namespace) -> int:
             dash = Dashboard(collector, title=f"canopy demo ({speed:g}x)")
             dash.__enter__()
         deadline = time.monotonic() + duration
+        attack_at = time.monotonic() + ATTACK_AT * duration if attack is not None else None
         next_line = time.monotonic() + PLAIN_EVERY_S
         shown = 0
         while (now := time.monotonic()) < deadline:
+            if attack_at is not None and now >= attack_at:
+                attack_at = None
+                threading.Thread(target=replay_command, daemon=True,
+                                 args=(cfg.state_path, HostAuth(master, counter_file), attack, notes.append)).start()
             while shown < len(notes):
                 note = notes[shown]
                 shown += 1
@@ -428,6 +444,7 @@ def run_mesh(args: argparse.Namespace) -> int:
     report = build_report(db, collector.summary(), t0=t0, speed=speed, members=zone_members(nodes, zones))
     report.repairs = repairer.events if repairer is not None else []
     report.auth = collector.auth is not None
+    report.attack = attack
     print()
     if interrupted:
         print(f"interrupted after {wall:.1f} s: nodes stopped, everything received is in the database")
@@ -490,6 +507,7 @@ class Report:
     zone_last: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     repairs: list[Any] = field(default_factory=list)  # repair_loop.RepairEvent
     auth: bool = False  # the monitor verified every frame's tag
+    attack: str | None = None  # the node a replayed command was sent to
 
 
 def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
@@ -556,6 +574,34 @@ def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
     return Report(nodes, dict(zone_windows), dict(no_quorum), sim_end, dict(zone_last))
 
 
+ATTACK_AT = 0.3  # fraction of the run at which the replayed command is sent
+
+
+def zone_of_ids(nodes: int, zones: int) -> list[str]:
+    return [n for ids in zone_members(nodes, zones).values() for n in ids]
+
+
+def replay_command(state_file: Path, auth: Any, node: str, say: Any) -> None:
+    """Send `node` a tagged status command, then the same bytes again, on a second handle
+    of its port (the monitor keeps reading it, so the replies and the refusal are stored)."""
+    from .transport import open_port, resolve_port
+
+    try:
+        port = open_port(resolve_port(f"sim:{node}", str(state_file)))
+        try:
+            line = auth.command(node, "status")
+            port.write(line)
+            time.sleep(0.5)
+            port.write(line)  # the recording, played back
+            time.sleep(0.2)
+        finally:
+            port.close()
+    except (CanopyError, OSError) as exc:
+        say(f"{node}: replay attack not sent: {exc}")
+        return
+    say(f"{node}: a tagged status command, then the same bytes again (replay attack)")
+
+
 def security_lines(rep: Report) -> list[str]:
     """What the authenticated link refused: frames the monitor rejected, commands nodes refused."""
     if not rep.auth:
@@ -564,6 +610,11 @@ def security_lines(rep: Report) -> list[str]:
     refused = sum(r.refused_commands for r in rep.nodes.values())
     lines = [f"authentication: every node strict (HMAC-SHA256 tag on every frame and command); "
              f"{rejected} frame(s) rejected by the monitor, {refused} command(s) refused by the nodes"]
+    if rep.attack is not None:
+        r = rep.nodes.get(rep.attack)
+        got = r.refused_commands if r is not None else 0
+        lines.append(f"  replay attack on {rep.attack}: " + ("refused by the node (err=auth msg=replay)"
+                                                              if got else "NOT seen refused"))
     for r in rep.nodes.values():
         if r.sec_rejects or r.refused_commands:
             what = ", ".join(f"{k} {v}" for k, v in sorted(r.sec_rejects.items()))
