@@ -216,7 +216,7 @@ def _repair_loop(args: argparse.Namespace, collector: Any, readers: list[Any], s
 
     def zones() -> dict[str, str]:
         with collector.lock:
-            return {n: st.zone or "?" for n, st in collector.nodes.items()}
+            return {n: st.zone for n, st in collector.nodes.items() if st.zone}
 
     return RepairLoop(args.db, args.repair, lend=readers_lender(lambda: list(readers)), client_for=client_for,
                       t0=time.time(), timescale=timescale, zone_of=zones, say=collector.messages.append,

@@ -63,6 +63,8 @@ T_ACCURACY_C = 1.0  # °C: the BME280's absolute accuracy; smaller errors are no
 RELEASE_AFTER = 3  # complete agreeing windows after the repair before the release
 REPAIR_DEADLINE_S = 10.0  # wall seconds one repair may take (an offline node waits in the journal)
 LEND_TIMEOUT_S = 5.0  # how long the reader may take to let go of the port
+HISTORY_WINDOWS = 60  # windows judged per check: the fault tracker's own memory (FaultConfig.history),
+#                       so a monitor running for days does not re-judge its whole store every check
 UNITS = {"t": "°C", "p": "hPa", "h": "%RH"}
 
 
@@ -92,8 +94,10 @@ def load_readings(db: str | Path, *, t0: float, timescale: float, zone_of: Mappi
             # missing sensor has none: neither is a measurement to vote with.
             if row["failsafe"] or (row["faults"] or 0) & 1 or row["t"] is None:
                 continue
+            zone = zone_of.get(row["node"])
+            if not zone:
+                continue  # a node of no known zone has no neighbours to be judged against
             ct = (row["rx_time"] - t0) * timescale
-            zone = zone_of.get(row["node"]) or "?"
             for q, scale in STORE_SCALE.items():
                 if row[q] is not None:
                     items.append(Reading(row["node"], zone, ct, q, row[q] / scale))
@@ -262,7 +266,7 @@ class RepairLoop:
         if z is None:  # the store's nodes table (the monitor records each node's zone)
             con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10.0)
             try:
-                return {n: zone or "?" for n, zone in con.execute("SELECT node, zone FROM nodes")}
+                return {n: zone for n, zone in con.execute("SELECT node, zone FROM nodes") if zone}
             finally:
                 con.close()
         return dict(z() if callable(z) else z)
@@ -279,7 +283,9 @@ class RepairLoop:
             return []
         now = self.now()
         zones = self.zone_of()
-        items = load_readings(self.db, t0=self.t0, timescale=self.timescale, zone_of=zones, since=self.t0)
+        first = max(0.0, (now // self.window - HISTORY_WINDOWS) * self.window)  # a window boundary
+        items = load_readings(self.db, t0=self.t0, timescale=self.timescale, zone_of=zones,
+                              since=self.t0 + first / self.timescale)
         complete = [v for v in zone_verdicts(items, self.window) if v["window_start"] + self.window <= now]
         if not complete:
             return []
