@@ -29,7 +29,17 @@ _CHANNELS = {"t": 0, "p": 1, "h": 2, 0: 0, 1: 1, 2: 2}
 
 
 def default_node_id(hw=None):
-    """A virtual node's id from its sim.json (via the world), else the chip's unique id in hex."""
+    """The provisioned id (identity.json, written by `canopy provision`), else a virtual
+    node's id from its sim.json (via the world), else the chip's unique id in hex."""
+    try:
+        import json
+
+        with open("identity.json") as f:
+            nid = json.load(f).get("node_id")
+        if valid_node_id(nid):
+            return nid
+    except (OSError, ValueError, AttributeError):
+        pass  # not provisioned yet, or a damaged file: fall back to a derived id
     world = getattr(hw, "world", None)
     nid = getattr(world, "node_id", None)
     if valid_node_id(nid):

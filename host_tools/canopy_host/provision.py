@@ -88,6 +88,9 @@ class NodeFacts:
     @property
     def own_id(self) -> str:
         """The id the app calls itself (canopy.link.default_node_id)."""
+        nid = (self.identity or {}).get("node_id")
+        if isinstance(nid, str) and _NODE_ID_RE.match(nid):
+            return nid
         if self.sim_node_id and _NODE_ID_RE.match(self.sim_node_id):
             return self.sim_node_id
         return self.mac.replace(":", "")
@@ -240,8 +243,7 @@ def provision_node(transport: Any, board: str, master: bytes, zone: str | None =
     )
     warning = None
     if nid != facts.own_id:
-        warning = (f"the app on this board calls itself {facts.own_id}, not {nid}: its key file is for {nid}, "
-                   "so it stays locked until the firmware takes its id from identity.json")
+        warning = f"this board called itself {facts.own_id}; it takes the id {nid} from identity.json at its next boot"
     return ProvisionResult(node_id=nid, mac=facts.mac, zone=zone, board=board, key_id=kid,
                            firmware=facts.firmware, was_known=known, warning=warning)
 
