@@ -84,6 +84,7 @@ def test_monitor_repairs_a_drifted_node_while_monitoring(tmp_path):
     audit = con.execute("SELECT time, node, job, action, event, state FROM repair_audit ORDER BY id").fetchall()
     assert {a[1] for a in audit} == {BAD}
     assert any(a[3] == "loop" and a[4] == "detected" for a in audit)
+    assert any(a[3] == "loop" and a[4] == "agrees" for a in audit)  # the release decision
     verified = {a[2] for a in audit if a[4] == "state" and a[5] == "VERIFIED"}
     assert verified >= {j[0] for j in jobs}
 

@@ -321,6 +321,7 @@ class RepairLoop:
         self._event(d.node, f"{', '.join(d.what)} [{', '.join(states) or 'nothing to do'}]", ok)
 
     def _release(self, node: str, zone: str, run: int) -> None:
+        self._note(node, "agrees", {"zone": zone, "agreeing_windows": run, "since_window": self.repaired[node]})
         states = self.apply(node, [{"node": node, "actionable": True, "action": {"kind": "release"}}])
         ok = bool(states) and set(states) <= {"VERIFIED"}
         self._event(node, f"agrees with zone {zone} again ({run} windows): released "
@@ -379,6 +380,10 @@ class RepairLoop:
         except CanopyError as exc:  # includes a reader that would not let go
             self.errors += 1
             self._event(node, f"repair failed: {exc}", False)
+            try:
+                self._note(node, "failed", {"error": str(exc)})
+            except Exception:  # the store itself is the problem: the event above says it
+                pass
             return ["FAILED"]
         finally:
             if journal is not None:
