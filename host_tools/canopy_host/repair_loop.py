@@ -304,7 +304,9 @@ class RepairLoop:
                     self._note(d.node, "again_wrong", {"classes": d.classes, "why": d.why,
                                                        "window_start": d.window_start,
                                                        "hint": "repaired once this run: run `canopy repair`"})
-                    self._event(d.node, f"wrong again ({d.why}); not repaired twice in one run", False)
+                    # A notice for a human, not a failed repair: ok stays True.
+                    self._event(d.node, f"wrong again ({d.why}); not repaired twice in one run: "
+                                        "see `canopy audit`, run `canopy repair`", True)
                 continue
             self._repair(d)
         return self.events[before:]
