@@ -33,7 +33,30 @@ import pytest
 
 MASTER = bytes(range(100, 132))
 SPEED = 20  # simulated s per wall s: each node sends ~20 readings per wall second
-MONITOR_S = 8.0
+MONITOR_S = 120.0  # an upper bound: the test stops the monitor with Ctrl-C when done
+
+
+class Lines(threading.Thread):
+    """Collects a pipe's lines as they come (the monitor's JSON frames)."""
+
+    def __init__(self, pipe) -> None:
+        super().__init__(daemon=True)
+        self.pipe = pipe
+        self.lines: list[bytes] = []
+
+    def run(self) -> None:
+        for line in iter(self.pipe.readline, b""):
+            self.lines.append(line)
+
+    def wait_json(self, pred, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ln in list(self.lines):
+                d = json.loads(ln)
+                if pred(d):
+                    return d
+            time.sleep(0.05)
+        raise AssertionError("the monitor never reported such a frame")
 
 
 def _canopy(*args: str) -> subprocess.Popen:
@@ -136,13 +159,15 @@ def test_strict_nodes_verified_by_monitor_and_rejects_stored(tmp_path: Path) -> 
         db = tmp_path / "m.db"
         mon = _canopy("monitor", "--sim-state", str(tap_state), "--db", str(db), "--json",
                       "--duration", str(MONITOR_S))
+        mon_out = Lines(mon.stdout)
+        mon_out.start()
         t1 = taps["n01"]
-        t1.wait_for(rb"^@CNP1 n01 \d+ \d+ R ")
-        time.sleep(1.5)  # the monitor has opened the taps by now (it may drop what came before)
-        with t1.lock:
-            reading = next(ln for ln in reversed(t1.lines) if re.match(rb"^@CNP1 n01 \d+ \d+ R ", ln))
-        boot, seq = (int(x) for x in reading.split()[2:4])
-        time.sleep(0.3)  # ...and has taken this reading
+        # A reading the monitor has taken (opening a port drops what was waiting in it, so
+        # only what it reported is known to have been seen): the one to replay.
+        seen = mon_out.wait_json(lambda d: d["node"] == "n01" and d["kind"] == "reading")
+        mon_out.wait_json(lambda d: d["node"] == "n02")
+        boot, seq = seen["boot"], seen["seq"]
+        reading = t1.wait_for(rb"^@CNP1 n01 %d %d R " % (boot, seq))
 
         # 1. forged: a genuine reading with one digit of its payload changed, CRC fixed up
         head, payload = reading.split(b" R ", 1)
@@ -182,7 +207,12 @@ def test_strict_nodes_verified_by_monitor_and_rejects_stored(tmp_path: Path) -> 
             tag = line[line.rindex(b" !") + 2: line.rindex(b" *")]
             assert hmac.new(node_key("n01"), body_of(line), hashlib.sha256).digest()[:16].hex().encode() == tag
 
-        out, err = mon.communicate(timeout=60)
+        # The refusal has reached the monitor too: then stop it as Ctrl-C would.
+        mon_out.wait_json(lambda d: d["node"] == "n01" and d["fields"].get("code") == "security")
+        mon.send_signal(signal.SIGINT)
+        mon.wait(timeout=60)
+        mon_out.join(10)
+        out, err = b"".join(mon_out.lines), mon.stderr.read()
     finally:
         if mon is not None and mon.poll() is None:
             mon.kill()
@@ -214,7 +244,7 @@ def test_strict_nodes_verified_by_monitor_and_rejects_stored(tmp_path: Path) -> 
     for n, b, s, _k, _e in rows:
         assert (b, s) in genuine[n]
     per_node = dict(con.execute("SELECT node, COUNT(*) FROM frames GROUP BY node"))
-    assert per_node["n01"] > 50 and per_node["n02"] > 50
+    assert per_node["n01"] >= 5 and per_node["n02"] >= 5  # genuine frames of both, all verified
     # The node's refusal travelled as a genuine (tagged) frame and is stored as data.
     assert con.execute("SELECT COUNT(*) FROM frames WHERE node='n01' AND kind='event' "
                        "AND extra LIKE '%\"code\":\"security\"%'").fetchone()[0] == 1
