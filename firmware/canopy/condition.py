@@ -134,6 +134,7 @@ class Conditioner:
         self._scratch = array("i", [0] * (n))
         self._pos = 0
         self._primed = False
+        self._raw = self._out = None  # update()'s arguments, for _run
         self.set_shifts(shifts if shifts is not None else (2,) * n)
 
     def set_shifts(self, shifts):
@@ -155,6 +156,14 @@ class Conditioner:
         """Condition `raw` into `out` (both array('i', n)); allocates nothing."""
         if not self._primed:
             self.reset(raw)
+        # The 8-argument kernel call needs 9 stack words; with raw and out as locals too
+        # this frame would exceed the VM's 11-word C-stack budget and be heap-allocated on
+        # every call, so the call happens in _run, whose only local is self.
+        self._raw = raw
+        self._out = out
+        self._run()
         pos = self._pos
-        condition_kernel(raw, self._hist, self._ema, self._shift, out, self.n, pos, SIGN)
         self._pos = pos + 1 if pos < 4 else 0
+
+    def _run(self):
+        condition_kernel(self._raw, self._hist, self._ema, self._shift, self._out, self.n, self._pos, SIGN)

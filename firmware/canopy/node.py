@@ -151,35 +151,26 @@ class Node:
 
     # --- the control tick (allocation-free) ------------------------------------------
 
+    # Every method here keeps its bytecode frame (locals + value stack, plus 3 words per
+    # active try) within the VM's 11-word C-stack budget (VM_MAX_STATE_ON_STACK); a bigger
+    # frame is taken from the heap on every call, even though it is freed on return.
+    # Hence the small helpers, each try in a method of its own, and few locals.
+
     def tick(self):
         """read -> condition -> control -> actuate; allocates nothing."""
         self.ticks += 1
-        got = False
-        s = self.sensor
-        if s is not None and self._pending:
-            try:
-                if s.ready():
-                    s.read_into(self.raw)
-                    got = True
-                    self._late = 0
-                elif self._late < _LATE_TICKS:
-                    # Conversion still running (first tick after boot, or a tick period
-                    # shorter than the conversion): hold everything, read it next tick.
-                    self._late += 1
-                    self._status_led()
-                    return
-            except OSError:  # not bound: binding would allocate
-                pass
+        got = self._read()
+        if got < 0:
+            # Conversion still running (first tick after boot, or a tick period shorter
+            # than the conversion): hold everything, read it next tick.
+            self._status_led()
+            return
         faults = self.health.check(self.raw, got)
         if faults != self.faults:
             if faults:
                 self._push(EV_FAULT, faults)
             self.faults = faults
-        raw = self.raw
-        adj = self.adj
-        cal = self.cal
-        for i in range(3):
-            adj[i] = raw[i] + cal[i]
+        self._adjust()
         if faults:
             self._faulted = True
             if not self.failsafe:
@@ -190,20 +181,50 @@ class Node:
             self.readings += 1
             if self.failsafe:
                 # Stale history from before the fault must not leak into the new estimate.
-                self.cond.reset(adj)
+                self.cond.reset(self.adj)
                 self.failsafe = False
                 if self._faulted:  # not on the first reading after a clean boot
                     self._faulted = False
                     self._push(EV_RECOVERED, 0)
-            self.cond.update(adj, self.meas)
+            self.cond.update(self.adj, self.meas)
             self.ctrl.step(self.meas, self.out)
         if self.quarantined:
             # Readings go on (consensus decides on release), the actuators stay safe.
             self.ctrl.failsafe(self.out)
         self._actuate()
         self._status_led()
+        self._start_next()
+
+    def _read(self):
+        # 1: a new reading is in self.raw; 0: none (no sensor, failed or late read);
+        # -1: the conversion is still running and may be waited for.
+        s = self.sensor
+        if s is None or not self._pending:
+            return 0
+        try:
+            if s.ready():
+                s.read_into(self.raw)
+                self._late = 0
+                return 1
+        except OSError:  # not bound: binding would allocate
+            return 0
+        if self._late < _LATE_TICKS:
+            self._late += 1
+            return -1
+        return 0
+
+    def _adjust(self):
+        raw = self.raw
+        cal = self.cal
+        adj = self.adj
+        adj[0] = raw[0] + cal[0]
+        adj[1] = raw[1] + cal[1]
+        adj[2] = raw[2] + cal[2]
+
+    def _start_next(self):
         # Start the next conversion now; it completes long before the next tick.
         self._pending = False
+        s = self.sensor
         if s is not None:
             try:
                 s.start()
@@ -279,8 +300,7 @@ class Node:
         self.cal[channel] = total
         # Jumping the conditioner to the new offset avoids a slow EMA ramp toward it.
         if not self.failsafe:
-            for i in range(3):
-                self.adj[i] = self.raw[i] + self.cal[i]
+            self._adjust()
             self.cond.reset(self.adj)
         self._push(EV_CALIBRATE, channel)
         return total

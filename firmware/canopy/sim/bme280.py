@@ -35,11 +35,15 @@ except ImportError:  # CPython
         return int(_time.monotonic() * 1000)
 
 try:
+    import micropython
     from micropython import const
 except ImportError:  # CPython
 
     def const(x):
         return x
+
+    class micropython:  # @micropython.native is then a no-op
+        native = staticmethod(lambda f: f)
 
 
 CHIP_ID = const(0x60)
@@ -91,13 +95,17 @@ class SimBME280:
         self.set_environment(25.0, 101325.0, 50.0)
 
     # -- calibration and compensation (plain ints: exact in the kernel's domain) ----------
+    # Native (like _latch below): the unix port keeps machine code outside the GC heap,
+    # so the model's arithmetic costs a virtual node's small heap almost nothing.
 
+    @micropython.native
     def _tf(self, adc_t):
         c = self._c
         var1 = (((adc_t >> 3) - (c[0] << 1)) * c[1]) >> 11
         d = (adc_t >> 4) - c[0]
         return var1 + ((((d * d) >> 12) * c[2]) >> 14)
 
+    @micropython.native
     def _pres(self, adc_p, tf):
         c = self._c
         var1 = (tf >> 1) - 64000
@@ -117,6 +125,7 @@ class SimBME280:
         var2 = ((p >> 2) * c[10]) >> 13
         return p + ((var1 + var2 + c[9]) >> 4)
 
+    @micropython.native
     def _hum(self, adc_h, tf):
         c = self._c
         v = tf - 76800
@@ -127,6 +136,7 @@ class SimBME280:
         v = 0 if v < 0 else (419430400 if v > 419430400 else v)
         return v >> 12
 
+    @micropython.native
     def _invert_t(self, target_tf):
         # t_fine rises with adc_T: smallest adc reaching the target, or its neighbour below.
         lo = 0
@@ -141,6 +151,7 @@ class SimBME280:
             lo -= 1
         return lo
 
+    @micropython.native
     def _invert_ph(self, fn, s, target, hi, tf):
         # adc_P or adc_H for a target pressure/humidity: the nearest raw value, by bisection
         # on fn. s = 1 when fn rises with the raw value (humidity), -1 when it falls
@@ -306,6 +317,9 @@ class SimBME280:
         self.measurements += 1
         self._latch()
 
+    # Native for the same reason as SimI2C's transfers: it runs inside the node's tick
+    # and its bytecode frame would exceed the VM's C-stack budget (heap-allocated per call).
+    @micropython.native
     def _latch(self):
         if self.stuck:
             return

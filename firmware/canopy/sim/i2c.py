@@ -13,6 +13,12 @@ Usage::
     bus.readfrom_mem(0x76, 0xD0, 1)  # b'`' (chip id 0x60)
 """
 
+try:
+    import micropython
+except ImportError:  # CPython: @micropython.native is then a no-op
+    class micropython:
+        native = staticmethod(lambda f: f)
+
 # Raised, never constructed, on the allocation-free paths: allocating an exception while
 # the heap is locked would itself fail. errno 19 = ENODEV, as machine.I2C reports a NACK.
 _ENODEV = OSError(19, "ENODEV")
@@ -44,11 +50,17 @@ class SimI2C:
         self.readfrom_mem_into(addr, reg, buf)
         return bytes(buf)
 
+    # Transfers run inside the node's control tick in the unix port. Native, because the
+    # bytecode frame of these 5-argument loops exceeds the VM's 11-word C-stack budget
+    # and would be heap-allocated on every call; native frames live on the C stack and
+    # the unix port keeps machine code outside the GC heap.
+    @micropython.native
     def readfrom_mem_into(self, addr, reg, buf, addrsize=8):
         dev = self._device(addr)
         for i in range(len(buf)):
             buf[i] = dev.read_reg((reg + i) & 0xFF)
 
+    @micropython.native
     def writeto_mem(self, addr, reg, buf, addrsize=8):
         dev = self._device(addr)
         for i in range(len(buf)):
