@@ -217,9 +217,9 @@ def test_main_py_runs_as_a_script_from_source(tmp_path: Path) -> None:
 
 
 # The live heap after 1500 more ticks of the real loop (text link, a 1000 s sensor outage,
-# re-probing between ticks) may differ only by what one outage leaves: measured 192 bytes
-# (traceback entries on the bus's preallocated OSError). Growth per tick would exceed this
-# within a few dozen ticks.
+# re-probing between ticks) may differ only by what one outage leaves: at most the
+# traceback entries of the bus's current OSError (scan() replaces it between outages).
+# Growth per tick would exceed this within a few dozen ticks.
 LEAK_LIMIT_BYTES = 1024
 
 
@@ -249,3 +249,12 @@ def test_bad_node_files_give_clear_messages(tmp_path: Path, sim: dict, config: d
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert words in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_repeated_outages_do_not_grow_the_heap() -> None:
+    # Each raise of the simulated bus's OSError appends to its traceback; without a fresh
+    # instance per re-probe, ten outages would leave ~1.5 KB behind on a 64 KB heap.
+    faults = [{"at_s": 150 + 120 * k, "kind": "sensor_off", "duration_s": 30} for k in range(10)]
+    before, after, ticks = _batch("leak_check", [[{"seed": 2, "faults": faults}, 100, 1500]])[0]
+    assert ticks == 1600
+    assert after - before <= LEAK_LIMIT_BYTES

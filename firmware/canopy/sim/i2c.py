@@ -43,6 +43,11 @@ class SimI2C:
         return dev
 
     def scan(self):
+        # MicroPython appends to a raised exception's traceback each time it is raised,
+        # so the shared instance would grow with every outage. scan() runs between ticks
+        # (the node re-probes with it), where allocating a fresh one is allowed.
+        global _ENODEV
+        _ENODEV = OSError(19, "ENODEV")
         return sorted(a for a, d in self._devices.items() if d.present)
 
     def readfrom_mem(self, addr, reg, n, addrsize=8):
