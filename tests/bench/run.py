@@ -1,8 +1,10 @@
-"""Run the benchmarks: `bash host_tools/dev.sh bench [--only kernels,flash,ingest] [--quick]`.
+"""Run the benchmarks: `bash host_tools/dev.sh bench [--only kernels,flash,...] [--quick]`.
 
-Each benchmark is its own script in tests/bench/ and runs in its own process, so one
-failing (or not written yet) does not stop the others. Benchmarks measure and print;
-they never fail on a missed target. Exit status is non-zero only if a script crashed.
+Each benchmark is its own script tests/bench/bench_<name>.py and runs in its own
+process, so one failing (or not written yet) does not stop the others. Every such
+script is found automatically: the kernel bench first, then the rest by name.
+Benchmarks measure and print; they never fail on a missed target. Exit status is
+non-zero only if a script crashed.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 
-# name -> script; the kernel bench first, the others when their scripts exist.
-BENCHES = {
-    "kernels": "bench_kernels.py",
-    "flash": "bench_flash.py",
-    "ingest": "bench_ingest.py",
-    "security": "bench_security.py",
-}
+
+
+def _discover() -> dict[str, str]:
+    """name -> script for every tests/bench/bench_<name>.py, kernels first."""
+    names = sorted(p.stem[len("bench_"):] for p in BENCH_DIR.glob("bench_*.py"))
+    names.sort(key=lambda n: n != "kernels")
+    return {n: f"bench_{n}.py" for n in names}
+
+
+BENCHES = _discover()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in wanted:
         script = BENCH_DIR / BENCHES[name]
-        if not script.exists():
-            print(f"== {name}: {script.name} not present, skipped ==\n")
-            continue
         cmd = [sys.executable, str(script)]
         if name == "kernels":
             if args.quick:
