@@ -19,6 +19,11 @@ One node, over mpremote's Python API (`SerialTransport`, the raw REPL):
    control loop ticking; then reset the node and ping it over the serial link (a
    `status` command answered by the running app, whose hello reports the deployed
    hash). All passing = **healthy**, recorded separately from flashed.
+5. mesh ping, when a gateway is known (`Gateway`: `canopy deploy --gateway PORT`, or
+   the gateway `canopy sim --mesh` marks in its state file): a tagged `status` for the
+   node written to the GATEWAY's serial port, answered by the node over the mesh and
+   relayed back by the gateway (`mesh_ping`). Healthy then needs it too; without a
+   gateway the report says `not checked (no gateway)`.
 
 Usage::
 
@@ -61,6 +66,11 @@ SCAN_TIMEOUT_S = 30.0
 # Per 1 KB chunk (~4 KB of repr() on the wire: 0.35 s at 115200 baud), not per file.
 COPY_IDLE_S = 5.0
 ACCEPT_TIMEOUT_S = 30.0
+# Mesh ping: flooding over a lossy radio may lose a command or its reply, so the ping
+# is resent (fresh counter, hence a new frame the duplicate filters let through).
+MESH_PING_TIMEOUT_S = 12.0
+MESH_RESEND_S = 3.0
+NO_GATEWAY = "not checked (no gateway)"
 # Plausible ranges: the BME280's operating range, and pressure from ~9 km altitude up.
 T_RANGE = (-4000, 8500)  # 0.01 C
 P_RANGE = (30000, 110000)  # Pa
@@ -228,6 +238,8 @@ class NodeReport:
     healthy: bool = False
     acceptance: dict[str, Any] = field(default_factory=dict)
     ping: dict[str, Any] = field(default_factory=dict)
+    # {answered, via, ttl, hops, rtt_ms, ...} when a gateway was given, else why not
+    mesh_ping: dict[str, Any] | str = NO_GATEWAY
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
@@ -463,10 +475,170 @@ def ping(port: str, node_id: str | None, app_hash: str | None, key: bytes | None
     return result
 
 
+@dataclass
+class Gateway:
+    """The node wired to the host that relays commands into the mesh (docs/mesh.md).
+
+    node_id/ttl/topology are known for virtual nodes (the `canopy sim` state file) and
+    only refine the report (hop count by topology); the port alone is enough to ping.
+    """
+
+    port: str
+    node_id: str | None = None
+    ttl: int | None = None
+    topology: dict[str, list[str]] | None = None  # node id -> the node ids in its range
+
+    def hops_to(self, node_id: str) -> int | None:
+        """Radio hops from the gateway to `node_id` by the simulated topology, if known."""
+        if not self.topology or self.node_id not in self.topology:
+            return None
+        seen, frontier, hops = {self.node_id}, [self.node_id], 0
+        while frontier:
+            if node_id in frontier:
+                return hops
+            hops += 1
+            nxt = [p for n in frontier for p in self.topology.get(n, []) if p not in seen]
+            seen.update(nxt)
+            frontier = nxt
+        return None
+
+
+def gateway_from_sim_state(state: dict[str, Any], port: str | None = None) -> Gateway | None:
+    """The mesh gateway of a `canopy sim` state: the node on `port` if given (it need
+    not be marked), else the node whose mesh section says `"gateway": true`."""
+    nodes = [n for n in state.get("nodes", []) if isinstance(n, dict) and isinstance(n.get("mesh"), dict)]
+    if not nodes:
+        return None
+    ids_by_port = {n["mesh"].get("port"): n.get("node_id") for n in nodes}
+    topology = {str(n.get("node_id")): [ids_by_port.get(p, str(name)) for name, p in
+                                        (n["mesh"].get("peers") or {}).items()] for n in nodes}
+    for n in nodes:
+        on_port = port is not None and n.get("port") and _same_port(str(n["port"]), port)
+        if on_port or (port is None and n["mesh"].get("gateway")):
+            if not n.get("port"):
+                raise CanopyError(f"the mesh gateway {n.get('node_id')} has no port right now "
+                                  f"(state: {n.get('state')}); is its cable simulated unplugged?")
+            return Gateway(str(n["port"]), n.get("node_id"), n["mesh"].get("ttl"), topology)
+    return None
+
+
+def _same_port(a: str, b: str) -> bool:
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
+def mesh_ping(gateway: Gateway, node_id: str, key: bytes, counter: Any, *,
+              timeout: float | None = None, resend_s: float | None = None) -> dict[str, Any]:
+    """Ping `node_id` THROUGH the gateway: a tagged `status` written to the gateway's
+    port, answered only if the reply (the node's id, `re=` one of our counters, a tag
+    that verifies under the node's key) comes back on that port. Resent every
+    `resend_s` until `timeout`. Never raises for a silent mesh; the dict says what was heard."""
+    from .protocol import FrameParser
+    from .security import FrameVerifier, tag_command
+    from .transport import open_port
+
+    timeout = MESH_PING_TIMEOUT_S if timeout is None else timeout
+    resend_s = MESH_RESEND_S if resend_s is None else resend_s
+    via = {"port": gateway.port, "node": gateway.node_id}
+    result: dict[str, Any] = {"answered": False, "via": via, "ttl": gateway.ttl,
+                              "hops": gateway.hops_to(node_id), "sent": 0, "frames_from_node": 0,
+                              "frames_from_others": 0}
+    if gateway.topology is not None:
+        result["hops_source"] = "sim topology"
+    parser = FrameParser()
+    verifier = FrameVerifier({node_id: key})
+    sent: dict[int, float] = {}  # command counter -> when sent
+    try:
+        ser = open_port(gateway.port, timeout=0.1)
+    except CanopyError as exc:
+        result["error"] = f"cannot open the gateway port: {exc}"
+        return result
+    start = time.monotonic()
+    deadline = start + timeout
+    next_send = start
+    with ser:
+        while time.monotonic() < deadline and not result["answered"]:
+            now = time.monotonic()
+            if now >= next_send:
+                c = counter.next()
+                ser.write(tag_command(key, node_id, c, "status"))
+                sent[c] = time.monotonic()
+                result["sent"] += 1
+                next_send = now + resend_s
+            for fr in parser.feed(ser.read(4096)):
+                if fr.node != node_id:
+                    if fr.kind != "command":
+                        result["frames_from_others"] += 1
+                    continue
+                if fr.kind == "command":
+                    continue  # our own command echoed by a terminal-ish port
+                result["frames_from_node"] += 1
+                re_ = fr.fields.get("re")
+                if fr.kind == "error" and re_ in sent and "refused" not in result:
+                    result["refused"] = f"{fr.fields.get('err')}: {fr.fields.get('msg')}"
+                elif fr.kind == "reply" and fr.fields.get("cmd") == "status" and re_ in sent:
+                    verdict = verifier.verify(fr)
+                    if verdict != "ok":
+                        result["bad_tag"] = verdict  # keep listening: a forged or stale copy is no answer
+                        continue
+                    result.update(answered=True, rtt_ms=round((time.monotonic() - sent[re_]) * 1000, 1),
+                                  tick=fr.fields.get("tick"), tag="ok")
+                    break
+    result["seconds"] = round(time.monotonic() - start, 2)
+    return result
+
+
+def check_mesh(report: NodeReport, gateway: Gateway, master: bytes, *, counter_file: Path | None = None,
+               registry_path: Path | None = None, progress: Progress | None = None) -> bool:
+    """Step 5 for a provisioned node: record `mesh_ping`, add the reason and a hint to
+    `problems` and clear `healthy` (here and in the registry) when it went unanswered."""
+    from .security import CommandCounter
+
+    if report.node_id is None:
+        return False
+    if gateway.node_id == report.node_id or _same_port(gateway.port, report.port):
+        report.mesh_ping = "not checked (the node is the gateway)"
+        return True
+    if progress is not None:
+        progress.stage("mesh ping")
+    r = mesh_ping(gateway, report.node_id, derive_node_key(master, report.node_id),
+                  CommandCounter(counter_file or DEFAULT_COUNTER_FILE))
+    report.mesh_ping = r
+    if r["answered"]:
+        return True
+    gw = f"gateway {gateway.node_id or gateway.port}"
+    if r.get("error"):
+        why, hint = r["error"], "check --gateway names the port of the node wired to the host"
+    elif r.get("refused"):
+        why = f"the node refused it through the mesh ({r['refused']})"
+        hint = "a host command counter behind the node's (see --counter-file) or a key from another master key"
+    elif r.get("bad_tag"):
+        why = f"a reply came back but its tag did not verify ({r['bad_tag']})"
+        hint = "the node's key is not the one derived from this master key"
+    elif r["frames_from_node"]:
+        why = f"the {gw} relays the node's frames but no reply to {r['sent']} ping(s)"
+        hint = "commands are lost on the way to the node: check link quality (`canopy mesh status`)"
+    elif r["frames_from_others"]:
+        why = f"the {gw} hears other nodes but nothing from {report.node_id}"
+        hint = ("the node is out of the mesh: out of range, partitioned or its radio down "
+                "(`canopy mesh status`; virtual nodes: `canopy mesh heal`), or more hops away than the TTL")
+    else:
+        why = f"the {gw} port {gateway.port} sent nothing at all"
+        hint = "is the gateway running the app with its mesh enabled, and is --gateway the right port?"
+    report.problems.append(f"no answer to a mesh ping through the {gw} within "
+                           f"{r.get('seconds', 0):.0f} s: {why}. Hint: {hint}")
+    if report.healthy:
+        report.healthy = False
+        _registry.update_locked(registry_path, report.node_id, healthy=False,
+                                healthy_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                problems=report.problems)
+    return False
+
+
 def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone: str | None = None,
                 node_id: str | None = None, registry_path: Path | None = None, check: bool = True,
                 progress: Progress | None = None, usb_serial: str | None = None,
-                location: str | None = None, counter_file: Path | None = None) -> NodeReport:
+                location: str | None = None, counter_file: Path | None = None,
+                gateway: Gateway | None = None) -> NodeReport:
     """Deploy to one port; never raises for node trouble, the report says what happened."""
     from mpremote.transport import TransportError
 
@@ -528,6 +700,11 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
             _registry.update_locked(registry_path, prov.node_id, healthy=ok,
                                     healthy_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                     problems=report.problems)
+            if gateway is not None:
+                check_mesh(report, gateway, master, counter_file=counter_file, registry_path=registry_path,
+                           progress=progress)
+        else:
+            report.mesh_ping = "not checked (acceptance skipped)"
         progress.stage("healthy" if report.healthy else ("flashed" if report.flashed else "failed"))
     except Exception as exc:  # noqa: BLE001 - serial/struct/transport trouble: one node's report
         text = str(exc).strip()
@@ -557,9 +734,22 @@ def deploy_nodes(ports: list[str], board: Board, master: bytes, *, firmware_dir:
     make_progress = make_progress or (lambda _p: Progress())
     if "node_id" in kw and kw["node_id"] and len(ports) > 1:
         raise CanopyError("--node-id names one node; deploy to one port at a time with it")
+    gateway = kw.pop("gateway", None)
+    progresses = {p: make_progress(p) for p in ports}
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(ports)))) as pool:
-        futs = [pool.submit(deploy_node, p, board, bundle, master, progress=make_progress(p), **kw) for p in ports]
-        return [f.result() for f in futs]
+        futs = [pool.submit(deploy_node, p, board, bundle, master, progress=progresses[p], **kw) for p in ports]
+        reports = [f.result() for f in futs]
+    if gateway is not None and kw.get("check", True):
+        # After every deploy: the gateway may be one of the ports, reset and in the raw
+        # REPL while the others deploy; one ping at a time, as they share its port.
+        for r in reports:
+            if r.flashed and r.provisioned and r.error is None:
+                t0 = time.monotonic()
+                check_mesh(r, gateway, master, counter_file=kw.get("counter_file"),
+                           registry_path=kw.get("registry_path"), progress=progresses[r.port])
+                r.seconds = round(r.seconds + time.monotonic() - t0, 2)
+                progresses[r.port].stage("healthy" if r.healthy else "flashed")
+    return reports
 
 
 def bundle_summary(bundle: Bundle) -> dict[str, Any]:
@@ -567,5 +757,6 @@ def bundle_summary(bundle: Bundle) -> dict[str, Any]:
             "files": len(bundle.files), "bytes": sum(len(f.data) for f in bundle.files)}
 
 
-__all__ = ["Bundle", "BundleFile", "NodeReport", "Progress", "build_bundle", "deploy_node", "deploy_nodes",
+__all__ = ["Bundle", "BundleFile", "Gateway", "NodeReport", "Progress", "build_bundle", "check_mesh",
+           "deploy_node", "deploy_nodes", "gateway_from_sim_state", "mesh_ping",
            "bundle_summary"]

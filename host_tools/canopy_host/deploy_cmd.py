@@ -15,7 +15,7 @@ from .errors import CanopyError
 from .paths import FIRMWARE_DIR
 from .ports import ports_for_board
 from .provision import load_master_key
-from .transport import load_sim_state, resolve_port
+from .transport import load_sim_state, resolve_port, state_file_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Compile firmware/ with mpy-cross for the board's architecture (virtual nodes get the "
             ".py sources), hash every file on the node and copy only what differs, write board.json, "
             "the node identity and its mesh key, then run an acceptance test (BME280 chip id, "
-            "plausible readings, the control loop ticking, a status ping to the running app). "
+            "plausible readings, the control loop ticking, a status ping to the running app, and "
+            "with a mesh gateway a status ping through it over the mesh). "
             "'flashed' (files verified) and 'healthy' (acceptance passed) are reported separately. "
             "Ports run in parallel; a JSON report per node goes to stdout."
         ),
@@ -34,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "examples:\n"
             "  canopy deploy --board esp32-devkitc --port /dev/ttyUSB0 --zone A\n"
             "  canopy deploy --board esp32-devkitc --all\n"
-            "  canopy sim --nodes 3 &  canopy deploy --board unix-sim --all"
+            "  canopy sim --nodes 3 &  canopy deploy --board unix-sim --all\n"
+            "  canopy deploy --board esp32-devkitc --port /dev/ttyUSB1 --gateway /dev/ttyUSB0\n"
+            "  canopy sim --nodes 3 --mesh line &  canopy deploy --board unix-sim --port sim:n03"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -52,6 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="mesh master key file (default $CANOPY_MASTER_KEY_FILE or ~/.config/canopy/mesh_master.key; created if missing)")
     p.add_argument("--counter-file", type=Path, metavar="FILE",
                    help="persisted host command counter for the authenticated ping (default var/security/counter.json)")
+    p.add_argument("--gateway", metavar="PORT",
+                   help="port (or sim:NODE) of the mesh gateway: the acceptance test also pings each node "
+                        "through it over the mesh (virtual nodes: default the gateway `canopy sim --mesh` marks)")
     p.add_argument("--sim-state", metavar="FILE", help="`canopy sim` state file for sim:NODE ports and --all with unix-sim")
     p.add_argument("--firmware-dir", type=Path, default=FIRMWARE_DIR, help=argparse.SUPPRESS)
     p.add_argument("--report", type=Path, metavar="FILE", help="also write the JSON report to FILE")
@@ -91,13 +97,43 @@ def _ports(args: argparse.Namespace, board_name: str, virtual: bool) -> list[str
     return ports
 
 
+def _gateway(args: argparse.Namespace, ports: list[str], virtual: bool) -> deploy.Gateway | None:
+    """--gateway, else (virtual nodes) the gateway marked in the sim state of a mesh the
+    deployed nodes belong to; None = no mesh ping."""
+    state = None
+    if state_file_path(args.sim_state).exists():
+        try:
+            state = load_sim_state(args.sim_state)
+        except CanopyError:
+            state = None  # an unreadable state file only costs the hop count
+    if args.gateway:
+        port = resolve_port(args.gateway, args.sim_state)
+        return (deploy.gateway_from_sim_state(state, port) if state else None) or deploy.Gateway(port)
+    if not virtual or state is None:
+        return None
+    in_mesh = {str(n.get("port")) for n in state["nodes"]
+               if isinstance(n, dict) and isinstance(n.get("mesh"), dict) and n.get("port")}
+    if not any(p in in_mesh for p in ports):
+        return None
+    return deploy.gateway_from_sim_state(state)
+
+
+def _mesh_text(r: deploy.NodeReport) -> str:
+    m = r.mesh_ping
+    if isinstance(m, str):
+        return f"mesh ping {m}"
+    hops = f", {m['hops']} hop(s)" if m.get("hops") is not None else ""
+    return f"mesh ping {m.get('rtt_ms')} ms via {m['via'].get('node') or m['via'].get('port')}{hops}"
+
+
 def _summary(console: Console, reports: list[deploy.NodeReport]) -> None:
     for r in reports:
         what = f"{r.node_id or '?'} ({r.mac or 'no MAC'}): {len(r.copied)} copied, {r.unchanged} unchanged"
         if r.removed:
             what += f", {len(r.removed)} removed"
         if r.healthy:
-            console.print(f"[green]healthy[/green]  {r.port}: {what}, ping {r.ping.get('rtt_ms')} ms ({r.seconds:.1f}s)")
+            console.print(f"[green]healthy[/green]  {r.port}: {what}, ping {r.ping.get('rtt_ms')} ms, "
+                          f"{_mesh_text(r)} ({r.seconds:.1f}s)")
         elif r.flashed:
             why = "; ".join(r.problems) or r.error or "acceptance skipped"
             console.print(f"[yellow]flashed[/yellow]  {r.port}: {what}; NOT healthy: {why}")
@@ -113,10 +149,11 @@ def run(args: argparse.Namespace) -> int:
     if args.node_id and (args.all or len(args.port) > 1):
         raise CanopyError("--node-id names one node: use it with a single --port")
     ports = _ports(args, board.name, virtual)
+    gateway = _gateway(args, ports, virtual) if not args.no_check else None
     master = load_master_key(args.master_key)
     console = Console(stderr=True, emoji=False)  # a MAC's ':cd:' is not an emoji
     kw = dict(zone=args.zone, node_id=args.node_id, registry_path=args.registry, check=not args.no_check,
-              firmware_dir=args.firmware_dir, counter_file=args.counter_file)
+              firmware_dir=args.firmware_dir, counter_file=args.counter_file, gateway=gateway)
     if args.quiet:
         reports = deploy.deploy_nodes(ports, board, master, **kw)
     else:
