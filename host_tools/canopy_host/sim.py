@@ -10,9 +10,11 @@ The relay is also the "board": when the process exits it prints what a board pri
 and starts it again (Ctrl-D -> soft reboot, raw-REPL Ctrl-D -> back in the raw REPL
 without main.py, exit status 3 or a crash -> hard reset), which is what mpremote
 expects. It performs the serial-level faults too: `disconnect` (the public pty goes
-away like an unplugged cable), `reboot` (kill and restart) and `garbage` (random bytes
-in the node->host stream). Sensor faults go into the node's `sim.json` for the
-firmware's simulated world.
+away like an unplugged cable), `reboot` (kill and restart), `garbage` (random bytes
+in the node->host stream) and `garbage_inline` (the same, spliced into a frame line).
+Sensor faults go into the node's `sim.json` for the firmware's simulated world. With
+`SimConfig(delivery_log=True)` each relay writes the ground truth of its serial line to
+`<node folder>/delivery.jsonl` (`DeliveryLog`).
 
 Usage::
 
@@ -52,12 +54,12 @@ BOOT_SHIM = FIRMWARE_DIR / "canopy" / "sim" / "boot.py"
 CLIMATE_MODULE = FIRMWARE_DIR / "canopy" / "sim" / "climate.py"
 
 SENSOR_FAULTS = ("drift", "stuck", "spike", "sensor_off")
-SERIAL_FAULTS = ("disconnect", "reboot", "garbage")
+SERIAL_FAULTS = ("disconnect", "reboot", "garbage", "garbage_inline")
 FAULT_KINDS = SENSOR_FAULTS + SERIAL_FAULTS
 
 # Defaults when `--fault` leaves them out (VALUE units: drift C/s, spike C, garbage bytes).
-DEFAULT_VALUE = {"drift": 0.02, "spike": 5.0, "garbage": 64}
-DEFAULT_DURATION_S = {"disconnect": 10.0, "reboot": 0.0, "garbage": 0.0, "spike": 0.0}
+DEFAULT_VALUE = {"drift": 0.02, "spike": 5.0, "garbage": 64, "garbage_inline": 16}
+DEFAULT_DURATION_S = {"disconnect": 10.0, "reboot": 0.0, "garbage": 0.0, "garbage_inline": 0.0, "spike": 0.0}
 FOREVER_S = 10**9  # "until the run ends", kept numeric so the firmware needs no None case
 
 RESET_STATUS = 3  # exit status the boot shim and the simulated HAL use for a hard reset
@@ -180,6 +182,9 @@ class SimConfig:
     # Where that key came from: recorded in the state file so `canopy monitor --sim-state`
     # (and the other tools that follow a sim) verify tags without being told again.
     master_key_file: Path | None = None
+    # Record the ground truth of each node's serial line in <node folder>/delivery.jsonl
+    # (DeliveryLog below): every frame line forwarded or dropped, every injected fault.
+    delivery_log: bool = False
 
     def validate(self) -> None:
         if not 1 <= self.nodes <= 999:
@@ -239,6 +244,104 @@ def _become_tty_session() -> None:
 
 _LONE_LF = re.compile(rb"(?<!\r)\n")
 
+DELIVERY_LOG_NAME = "delivery.jsonl"
+FRAME_MARKER = b"@CNP"
+SPLICE_AT = 8  # garbage_inline goes this many bytes into a frame line: after "@CNP1 n0", before its CRC
+LINE_KEEP = 512  # longer node lines are never frames (250-byte limit); keep only their start
+
+
+class DeliveryLog:
+    """Append-only ground truth of one node's host-bound serial line (docs/simulation.md).
+
+    The relay tells it what it tried to write (node output, banners, injected garbage)
+    and how many of those bytes reached the public pty. It only looks for line ends and,
+    per completed line that holds a frame marker, writes one JSON line saying whether
+    every byte of that frame got out untouched (`delivered`), some byte was dropped
+    (`dropped`: unplugged, nobody had the port open, or the reader's buffer was full),
+    garbage landed inside it (`damaged`), or the process died before its newline (`cut`).
+    Fault injections, process starts/exits and port attach/detach are logged too, with
+    wall-clock times (`time.time()`, the clock `canopy monitor` stamps frames with).
+    """
+
+    def __init__(self, path: Path, node: str) -> None:
+        self.path = path
+        self.node = node
+        self._f = path.open("w", encoding="ascii")
+        self._line = bytearray()
+        self._line_t = 0.0
+        self._lost = False
+        self._garbage: list[dict[str, Any]] = []  # injections inside the current line
+
+    def close(self) -> None:
+        self.cut()
+        self._f.close()
+
+    def event(self, ev: str, **fields: Any) -> None:
+        self._write({"t": round(time.time(), 4), "ev": ev, **fields})
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        if not self._f.closed:
+            self._f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            self._f.flush()  # a reader may look while the node runs
+
+    def output(self, data: bytes, written: int) -> None:
+        """Node bytes: `data[:written]` reached the pty, the rest was dropped."""
+        t = time.time()
+        pos, n = 0, len(data)
+        while pos < n:
+            nl = data.find(b"\n", pos)
+            end = n if nl < 0 else nl + 1
+            if not self._line:
+                self._line_t = t
+            if len(self._line) < LINE_KEEP:
+                self._line += data[pos:end]
+            if end > written:
+                self._lost = True
+            if nl < 0:
+                return
+            self._finish("complete")
+            pos = end
+
+    def garbage(self, size: int, written: int, kind: str) -> None:
+        rec = {"t": round(time.time(), 4), "ev": "garbage", "kind": kind, "bytes": size, "delivered": written,
+               "position": "inside" if self._line else "between"}
+        if self._line:
+            self._garbage.append(rec)  # written with the frame it damaged, once that line ends
+        else:
+            self._write(rec)
+
+    def cut(self) -> None:
+        """The process died (or the run ended) before the current line's newline."""
+        if self._line:
+            self._finish("cut")
+
+    def _finish(self, how: str) -> None:
+        line = bytes(self._line).rstrip(b"\r\n")
+        at = line.find(FRAME_MARKER)
+        frame: dict[str, Any] | None = None
+        if at >= 0:
+            tokens = line[at:].split(b" ")
+            try:
+                frame = {"node": tokens[1].decode("ascii", "replace"), "boot": int(tokens[2]),
+                         "seq": int(tokens[3]), "type": tokens[4].decode("ascii", "replace")}
+            except (IndexError, ValueError):
+                frame = {"raw": line[at:at + 40].decode("ascii", "replace")}
+            crc = tokens[-1]
+            if crc.startswith(b"*"):
+                frame["crc"] = crc[1:].decode("ascii", "replace")
+        for rec in self._garbage:
+            rec["damaged"] = {k: frame[k] for k in ("node", "boot", "seq") if k in frame} if frame else None
+            self._write(rec)
+        if frame is not None:
+            status = ("cut" if how == "cut" else "dropped" if self._lost
+                      else "damaged" if self._garbage else "delivered")
+            self._write({"t": round(self._line_t, 4), "t_end": round(time.time(), 4), "ev": "frame",
+                         **frame, "status": status})
+        self._line = bytearray()
+        self._lost = False
+        self._garbage = []
+
+
 
 class VirtualNode:
     """One virtual node: its process, its two ptys and the relay thread between them."""
@@ -274,6 +377,10 @@ class VirtualNode:
         self._kill_reason: tuple[str, float] | None = None
         self._pending = b""
         self._events: list[tuple[float, str, float, float]] = []
+        self.delivery_log: DeliveryLog | None = (
+            DeliveryLog(folder / DELIVERY_LOG_NAME, nid) if sup.cfg.delivery_log else None)
+        self._attached = False
+        self._splice: list[bytes] = []  # garbage_inline waiting for the next frame line
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sim-{nid}", daemon=True)
@@ -305,6 +412,7 @@ class VirtualNode:
             "board": self.sim.get("board"),
             "auth": self.sim.get("auth", "strict"),
             "mesh": self.sim.get("mesh"),
+            "delivery_log": str(self.delivery_log.path) if self.delivery_log else None,
         }
 
     # -- relay thread ---------------------------------------------------------------------
@@ -341,8 +449,13 @@ class VirtualNode:
         poller = select.poll()
         if self._inner >= 0:
             poller.register(self._inner, select.POLLIN)
-        if self._client_connected():
+        connected = self._client_connected()
+        if connected:
             poller.register(self._pub, select.POLLIN)
+        if connected != self._attached:
+            self._attached = connected
+            if self.delivery_log is not None:
+                self.delivery_log.event("attach" if connected else "detach", port=self.port)
         for fd, _ in poller.poll(POLL_MS):
             if fd == self._inner:
                 self._from_node()
@@ -366,7 +479,15 @@ class VirtualNode:
         if not data:
             self._process_exited()
             return
-        self._to_host(self._translate(data))
+        data = self._translate(data)
+        if self._splice:
+            at = data.find(FRAME_MARKER)
+            if at >= 0:
+                cut = min(len(data), at + SPLICE_AT)
+                self._to_host(data[:cut])
+                self._garbage(self._splice.pop(0), "garbage_inline")
+                data = data[cut:]
+        self._to_host(data)
 
     def _translate(self, data: bytes) -> bytes:
         buf = self._tail + data
@@ -386,15 +507,29 @@ class VirtualNode:
         return data
 
     def _to_host(self, data: bytes) -> None:
+        written = self._write_host(data)
+        if self.delivery_log is not None and data:
+            self.delivery_log.output(data, written)
+
+    def _garbage(self, data: bytes, kind: str) -> None:
+        written = self._write_host(data)
+        if self.delivery_log is not None:
+            self.delivery_log.garbage(len(data), written, kind)
+
+    def _write_host(self, data: bytes) -> int:
+        """Write to the public pty; returns how many leading bytes got there."""
         if not data or not self._client_connected():
-            return
+            return 0
         view = memoryview(data)
+        done = 0
         while view:
             try:
                 n = os.write(self._pub, view)
             except (BlockingIOError, OSError):
-                return  # host not reading: drop, as a UART would
+                break  # host not reading: drop, as a UART would
             view = view[n:]
+            done += n
+        return done
 
     def _from_host(self) -> None:
         try:
@@ -462,10 +597,14 @@ class VirtualNode:
         self._proc_started = time.monotonic()
         self.pid = self._proc.pid
         self.boots += 1
+        if self.delivery_log is not None:
+            self.delivery_log.event("start", mode=mode, pid=self.pid, starts=self.boots)
         self.state = "running" if self._pub >= 0 else "disconnected"
         self.sup.node_changed(self)
 
     def _process_exited(self) -> None:
+        if self.delivery_log is not None:
+            self.delivery_log.cut()
         if self._inner >= 0:
             os.close(self._inner)
             self._inner = -1
@@ -498,6 +637,8 @@ class VirtualNode:
             self.reboots.append("reset" if reset else f"crash:{rc}")
             if not reset:
                 self.sup.message(f"{self.node_id}: process died (exit status {rc}); restarting in {delay:.1f} s")
+        if self.delivery_log is not None:
+            self.delivery_log.event("exit", status=rc, why=self.reboots[-1], restart_in=round(delay, 3))
         del self.reboots[:-REBOOT_HISTORY]
         self._restart_at = now + delay
         self.state = "rebooting"
@@ -545,6 +686,8 @@ class VirtualNode:
             pass
 
     def _fault(self, kind: str, dur: float, value: float, now: float) -> None:
+        if self.delivery_log is not None and kind not in ("garbage", "garbage_inline"):
+            self.delivery_log.event(kind, duration=round(dur, 3), port=self.port)
         if kind == "disconnect":
             # Publish first: whoever sees the port fail then already reads the new state.
             self.state, self.port = "disconnected", None
@@ -559,12 +702,18 @@ class VirtualNode:
         elif kind == "reboot":
             self.sup.message(f"{self.node_id}: reboot (fault injection)")
             self._kill("reboot fault", dur)
-        elif kind == "garbage":
-            self._to_host(self._rng.randbytes(max(1, int(value))))
+        elif kind in ("garbage", "garbage_inline"):
+            noise = self._rng.randbytes(max(1, int(value)))
+            if kind == "garbage":
+                self._garbage(noise, kind)
+            else:
+                # Spliced into the next frame line the node prints (_from_node), so it
+                # always damages a frame; plain garbage lands wherever the stream is.
+                self._splice.append(noise)
             if dur > 0:
                 # Repeats until the window closes; the remaining window travels with the event.
                 if dur > GARBAGE_REPEAT_S:
-                    self._events.append((now + GARBAGE_REPEAT_S, "garbage", dur - GARBAGE_REPEAT_S, value))
+                    self._events.append((now + GARBAGE_REPEAT_S, kind, dur - GARBAGE_REPEAT_S, value))
                     self._events.sort()
 
     def _shutdown(self) -> None:
@@ -580,6 +729,9 @@ class VirtualNode:
             os.close(self._inner)
             self._inner = -1
         self._close_public()
+        if self.delivery_log is not None:
+            self.delivery_log.event("stop")
+            self.delivery_log.close()
         self.pid = None
         if self.state != "failed":
             self.state = "stopped"

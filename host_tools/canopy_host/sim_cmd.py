@@ -24,7 +24,8 @@ examples:
 
 fault kinds: drift (VALUE C/s), stuck, spike (VALUE C, one-shot), sensor_off are simulated
 by the firmware's world; disconnect (unplug for DURATION), reboot (power cut for DURATION),
-garbage (VALUE random bytes, repeated for DURATION) by this supervisor. T and DURATION are
+garbage (VALUE random bytes, repeated for DURATION) and garbage_inline (the same, spliced
+into the middle of the next frame line) by this supervisor. T and DURATION are
 simulated seconds since boot (wall seconds = simulated / --speed).
 """
 
@@ -57,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heapsize", metavar="SIZE", default=None, help="MicroPython heap per node, e.g. 128k (default: unix-port default)")
     p.add_argument("--fresh", action="store_true", help="wipe the node folders first (a factory-new flash)")
     p.add_argument("--json", action="store_true", help="print the state as JSON instead of a table")
+    p.add_argument("--delivery-log", action="store_true",
+                   help="record every frame line each node's relay forwarded or dropped, and every injected "
+                        "fault, in DIR/<node>/delivery.jsonl (ground truth for tests, docs/simulation.md)")
     m = p.add_argument_group("mesh and security (docs/mesh.md, docs/security.md)")
     m.add_argument("--mesh", metavar="TOPOLOGY", choices=("line", "ring", "full"), default=None,
                    help="connect the nodes by a simulated ESP-NOW mesh: line, ring or full (default: no mesh)")
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         nodes=args.nodes, zones=args.zones, seed=args.seed, speed=args.speed, weather=args.weather,
         faults=[parse_fault(f) for f in args.fault], directory=Path(args.dir),
         state_file=Path(args.state) if args.state else None, heapsize=args.heapsize, fresh=args.fresh,
+        delivery_log=args.delivery_log,
     )
     if args.mesh is not None:
         from .mesh_sim import MeshSpec
