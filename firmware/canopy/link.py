@@ -185,10 +185,16 @@ class Link:
             integ[2] = st[4] >> 16
         return integ
 
+    def _held(self):
+        # The reading's failsafe bitmask, as Node.held(): 1 = the node's own failsafe,
+        # 2 = quarantined. Plain attributes: fetching a bound method would allocate.
+        node = self.node
+        return (1 if node.failsafe else 0) | (2 if getattr(node, "quarantined", False) else 0)
+
     def send_reading(self):
         node = self.node
         self._send(self.enc.reading(node.raw, node.meas, node.out, node.faults,
-                                    node.failsafe, node.ticks, self._integrators()))
+                                    self._held(), node.ticks, self._integrators()))
         self._readings += 1
         if self._readings % HELLO_EVERY == 0:
             self._hello_due = True
@@ -307,7 +313,7 @@ class Link:
                 _no_args(args)
                 self._send(self.enc.reply(counter, cmd, (
                     ("tick", node.ticks), ("faults", node.faults),
-                    ("failsafe", 1 if node.failsafe else 0),
+                    ("failsafe", self._held()),
                     ("cfg_version", (getattr(node, "cfg", None) or {}).get("version", 0)),
                     ("rx_errors", p.errors),
                     ("ev_dropped", getattr(node, "events_dropped", 0)),

@@ -12,6 +12,10 @@ judged by ``SensorHealth``) put the node in failsafe: shade to the configured sa
 position, mist off, fan to its safe duty. The node keeps polling the sensor and leaves
 failsafe by itself once ``recover_m`` good readings in a row have come in.
 
+A node quarantined by the repair agent keeps reading its sensor but holds the
+actuators at failsafe too; ``held()`` says why the actuators are held (the reading's
+``failsafe`` field): HELD_FAILSAFE (its own sensor failsafe) | HELD_QUARANTINE.
+
 Usage::
 
     from canopy import board, hal
@@ -48,6 +52,11 @@ EV_SENSOR = const(7)
 EVENT_NAMES = ("boot", "fault", "failsafe", "recovered", "config", "calibrate", "identify", "sensor")
 EVENT_SLOTS = const(16)
 
+# Why the actuators are held at failsafe: the reading's `failsafe` field is a bitmask,
+# so a quarantined node is not reported as healthy (docs/protocol.md "reading").
+HELD_FAILSAFE = const(1)  # the node's own sensor failsafe (fault, or no reading yet)
+HELD_QUARANTINE = const(2)  # quarantined by the repair agent; its readings stay valid
+
 BME280_ADDR = const(0x76)
 # Largest calibration offset per channel (0.01 C, Pa, 1/1024 %RH): beyond this the sensor
 # is broken, not miscalibrated.
@@ -56,7 +65,8 @@ BOOT_ID_FILE = "boot_id"
 # Ticks a conversion may stay unfinished before the sensor counts as missing.
 _LATE_TICKS = const(3)
 
-__all__ = ("Node", "EVENT_NAMES", "FAULT_MISSING", "FAULT_STUCK", "FAULT_RANGE")
+__all__ = ("Node", "EVENT_NAMES", "FAULT_MISSING", "FAULT_STUCK", "FAULT_RANGE",
+           "HELD_FAILSAFE", "HELD_QUARANTINE")
 
 
 def next_boot_id(path=BOOT_ID_FILE):
@@ -312,6 +322,10 @@ class Node:
             self.ctrl.failsafe(self.out)
             self._actuate()
 
+    def held(self):
+        """Why the actuators are held at failsafe: HELD_* bits, 0 = under control."""
+        return (HELD_FAILSAFE if self.failsafe else 0) | (HELD_QUARANTINE if self.quarantined else 0)
+
     def identify(self, seconds):
         """Blink the status LED for `seconds` so a person can find this node."""
         if not isinstance(seconds, int) or not 0 <= seconds <= 3600:
@@ -332,7 +346,7 @@ class Node:
             "t_raw": raw[0], "p_raw": raw[1], "h_raw": raw[2],
             "t": meas[0], "p": meas[1], "h": meas[2],
             "shade": out[0], "mist": out[1], "fan": out[2],
-            "faults": self.faults, "failsafe": 1 if self.failsafe else 0,
+            "faults": self.faults, "failsafe": self.held(),
             "tick": self.ticks,
             # Integrators in output units (Q16.16 >> 16): enough to see windup on the host.
             "i_shade": st[0] >> 16, "i_mist": st[2] >> 16, "i_fan": st[4] >> 16,

@@ -317,7 +317,7 @@ class Encoder:
             v[6 + i] = out[i]
             v[12 + i] = integ[i] if integ is not None else 0
         v[9] = faults
-        v[10] = 1 if failsafe else 0
+        v[10] = failsafe if type(failsafe) is int else (1 if failsafe else 0)  # Node.held() bits
         v[11] = tick
         self._begin(82)  # 'R'
         self._byte(_SP)

@@ -64,7 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                    help="fault budget per zone (default: the most a majority can outvote, (n-1)//2)")
     p.add_argument("--offsets", metavar="FILE", help='JSON {"node": {"t": 0.4}}: known offsets to subtract')
     p.add_argument("--quarantined", action="append", default=[], metavar="NODE",
-                   help="a quarantined node: excluded from the vote, watched for release (repeatable)")
+                   help="a quarantined node: excluded from the vote, watched for release (repeatable); "
+                        "with --db, nodes whose latest reading says quarantined (failsafe bit 2) are added")
     p.add_argument("--zone", action="append", metavar="Z", help="only this zone (repeatable)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad input lines instead of stopping")
     p.set_defaults(func=run)
@@ -173,6 +174,30 @@ def read_store(path: str, since: float | None, until: float | None) -> list[Any]
             if verdict in SECURITY_EVENTS:
                 out.append((node, zones.get(node) or UNASSIGNED, rx_time, verdict))
         return out
+    finally:
+        con.close()
+
+
+def store_quarantined(path: str, since: float | None, until: float | None) -> list[str]:
+    """Nodes whose latest reading in the range carries the quarantine bit (failsafe & 2,
+    docs/protocol.md): the repair agent holds their actuators, so they take no part in
+    the vote until a release (the node's own state, not a guess from the verdicts)."""
+    from .store import open_db
+
+    con = open_db(path, create=False)
+    try:
+        sql = "SELECT node, failsafe FROM frames WHERE kind = 'reading'"
+        args: list[Any] = []
+        if since is not None:
+            sql += " AND rx_time >= ?"
+            args.append(since)
+        if until is not None:
+            sql += " AND rx_time <= ?"
+            args.append(until)
+        last: dict[str, int] = {}
+        for node, failsafe in con.execute(sql + " ORDER BY rx_time, id", args):
+            last[node] = failsafe if isinstance(failsafe, int) else 0
+        return sorted(n for n, f in last.items() if f & 2)
     finally:
         con.close()
 
@@ -288,6 +313,11 @@ def run(args: argparse.Namespace) -> int:
 
         since, until = time_range(args)
         items: list[Any] = read_store(args.db, since, until)
+        held = [n for n in store_quarantined(args.db, since, until) if n not in args.quarantined]
+        if held:
+            print(f"canopy consensus: quarantined per the store (out of the vote): {' '.join(held)}",
+                  file=sys.stderr)
+        quarantined = [*args.quarantined, *held]
         bad, first = 0, ""
     else:
         if args.since or args.until:
@@ -301,10 +331,11 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if fh is not sys.stdin:
                 fh.close()
+        quarantined = list(args.quarantined)
     n = 0
     try:
         for verdict in verdicts(items, window=args.window, allowance=allowance, max_faulty=args.max_faulty,
-                                offsets=offsets, quarantined=args.quarantined,
+                                offsets=offsets, quarantined=quarantined,
                                 zones=set(args.zone) if args.zone else None):
             sys.stdout.write(json.dumps(verdict, ensure_ascii=False, separators=(", ", ": ")) + "\n")
             n += 1

@@ -31,12 +31,36 @@ def _pct(value: Any) -> str:
     return "-" if not isinstance(value, int) else f"{value / 100:.0f}"
 
 
-def _health(reading: dict[str, Any]) -> Text:
+HELD_FAILSAFE = 1  # the reading's `failsafe` bits (firmware Node.held(), docs/protocol.md)
+HELD_QUARANTINE = 2
+
+
+def held_bits(reading: dict[str, Any]) -> int:
+    """The reading's `failsafe` bitmask (0 when absent or not an int)."""
+    v = reading.get("failsafe") if reading else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def is_quarantined(reading: dict[str, Any]) -> bool:
+    return bool(held_bits(reading) & HELD_QUARANTINE)
+
+
+def _health(reading: dict[str, Any], compact: bool = False) -> Text:
     if not reading:
         return Text("-", style="dim")
     faults = reading.get("faults")
-    if reading.get("failsafe"):
-        return Text(f"FAILSAFE {faults:#x}" if isinstance(faults, int) else "FAILSAFE", style="bold red")
+    held = held_bits(reading)
+    # An unknown bit from a newer firmware still means held actuators: FAILSAFE.
+    own = held & ~HELD_QUARANTINE
+    if own:
+        text = f"FAILSAFE {faults:#x}" if isinstance(faults, int) else "FAILSAFE"
+        if held & HELD_QUARANTINE:
+            text += " quar" if compact else " quarantined"
+        return Text(text, style="bold red")
+    if held & HELD_QUARANTINE:
+        # Actuators held by the repair agent; a sensor fault it still reports is shown too.
+        extra = f" fault {faults:#x}" if isinstance(faults, int) and faults else ""
+        return Text("quarantined" + extra, style="bold magenta")
     if isinstance(faults, int) and faults:
         return Text(f"fault {faults:#x}", style="yellow")
     return Text("ok", style="green")
@@ -93,7 +117,7 @@ def render(nodes: list[NodeState], ports: list[PortState], messages: list[str], 
             _fmt_scaled(r.get("p"), 100, 1),
             _fmt_scaled(r.get("h"), 1024, 1),
             f"{_pct(r.get('shade'))}/{_pct(r.get('mist'))}/{_pct(r.get('fan'))}" if r else "-",
-            _health(r),
+            _health(r, compact),
             f"{n.rate(now):.1f}",
             str(n.frames),
         ]

@@ -9,7 +9,7 @@ events, each zone's temperature and humidity against its setpoint, and the zone
 consensus' verdict on every node. By default one node's sensor is sabotaged (a slow
 drift) and another node is briefly unplugged, so the summary has something to detect.
 
-    canopy demo                                  # 6 nodes, 2 zones, ~20 s
+    canopy demo                                  # 6 nodes, 2 zones, ~30 s
     canopy demo --single                         # the one-node text demo
 """
 
@@ -37,20 +37,20 @@ from .errors import CanopyError
 from .paths import FIRMWARE_DIR, micropython_command
 from .unixport import micropython_env
 
-DEFAULT_DURATION_S = 20.0  # wall seconds
-DEFAULT_SPEED = 60.0  # simulated seconds per wall second: 20 s of wall time = 20 simulated minutes
+DEFAULT_DURATION_S = 30.0  # wall seconds
+DEFAULT_SPEED = 60.0  # simulated seconds per wall second: 30 s of wall time = 30 simulated minutes
 DEFAULT_NODES = 6
 DEFAULT_ZONES = 2
 PLAIN_EVERY_S = 2.0  # status line period when stdout is not a terminal
 CONSENSUS_WINDOW_S = 60.0  # simulated seconds per consensus window
 SABOTAGE_C = 5.0  # the sabotaged sensor's error once its drift has settled
-CHECK_S = 2.0  # wall seconds between the repair loop's consensus checks (detection, release)
+CHECK_S = 1.0  # wall seconds between the repair loop's consensus checks (detection, release)
 # Link events worth a line of their own in the plain output.
 LOUD_EVENTS = ("fault", "failsafe", "recovered", "boot")
 
 MESH_EXAMPLES = """\
 examples:
-  canopy demo                              6 nodes in 2 zones for ~20 s: n05's sensor drifts,
+  canopy demo                              6 nodes in 2 zones for ~30 s: n05's sensor drifts,
                                            n02 is unplugged, n04 loses its sensor for a while
   canopy demo --nodes 9 --zones 3 --duration 40
   canopy demo --fault n01:stuck@300 --fault n04:reboot@600
@@ -271,8 +271,10 @@ def _status_line(collector: Any, elapsed: float, speed: float) -> str:
             state = "DOWN"
         elif not r:
             state = "..."
-        elif r.get("failsafe"):
-            state = f"FAILSAFE {r.get('faults', 0)}"
+        elif (r.get("failsafe") or 0) & ~2:
+            state = f"FAILSAFE {r.get('faults', 0)}" + (" QUARANTINED" if r["failsafe"] & 2 else "")
+        elif r.get("failsafe"):  # 2: held by the repair agent, the readings stay real
+            state = f"QUARANTINED {r.get('t', 0) / 100:.1f}C"
         else:
             state = f"{r.get('t', 0) / 100:.1f}C {r.get('h', 0) / 1024:.0f}%" + (f" f{r['faults']}" if r.get("faults") else "")
         parts.append(f"{n.node}{'/' + n.zone if n.zone else ''} {state}")
@@ -487,6 +489,8 @@ class NodeReport:
     fault_events: int = 0
     failsafe_events: int = 0
     recovered_events: int = 0
+    quarantined_readings: int = 0  # readings whose failsafe field says held by quarantine
+    quarantined_at_end: bool = False  # its last reading did
     falseticker_windows: int = 0
     judged_windows: int = 0
     first_flagged: float | None = None  # simulated seconds since the start
@@ -540,6 +544,10 @@ def build_report(db: Path, summary: dict[str, Any], *, t0: float, speed: float,
         for row in iter_frames(con, kind="reading"):
             r = nodes.setdefault(row["node"], NodeReport(row["node"], "?"))
             last_rx = max(last_rx, row["rx_time"])
+            # failsafe bit 2: the repair agent holds the actuators (docs/protocol.md).
+            q = bool((row["failsafe"] or 0) & 2)
+            r.quarantined_readings += q
+            r.quarantined_at_end = q
     finally:
         con.close()
     zone_windows: Counter[str] = Counter()
@@ -650,14 +658,19 @@ def format_report(rep: Report, *, db: Path, wall: float, speed: float, setpoints
         f"{wall:.1f} s wall = {_sim_clock(rep.sim_s)} simulated ({speed:g}x)",
         "",
         f"{'node':<5} {'zone':<4} {'frames':>6} {'stored':>6} {'gaps (missing)':>14} {'reboots':>7} {'crc':>4} "
-        f"{'unplugs':>7} {'faults':>6} {'failsafe/rec':>12}  consensus (temperature)",
+        f"{'unplugs':>7} {'faults':>6} {'failsafe/rec':>12} {'quarantined':>11}  consensus (temperature)",
     ]
     for r in rep.nodes.values():
+        # Readings sent while quarantined; "now" if the run ended with the node still held.
+        quar = f"{r.quarantined_readings}{' now' if r.quarantined_at_end else ''}" if r.quarantined_readings else "-"
         lines.append(
             f"{r.node:<5} {r.zone:<4} {r.frames:>6} {r.stored:>6} {f'{r.gaps} ({r.missing})':>14} {r.reboots:>7} "
-            f"{r.crc_errors:>4} {r.disconnects:>7} {r.fault_events:>6} {f'{r.failsafe_events}/{r.recovered_events}':>12}  "
-            f"{_verdict_text(r)}"
+            f"{r.crc_errors:>4} {r.disconnects:>7} {r.fault_events:>6} {f'{r.failsafe_events}/{r.recovered_events}':>12} "
+            f"{quar:>11}  {_verdict_text(r)}"
         )
+    held = [r.node for r in rep.nodes.values() if r.quarantined_at_end]
+    if held:
+        lines.append(f"quarantined at the end: {' '.join(held)} (actuators held at failsafe, out of consensus)")
     lines.append("")
     zones = sorted({r.zone for r in rep.nodes.values()})
     for z in zones:

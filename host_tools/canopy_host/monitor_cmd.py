@@ -135,8 +135,17 @@ def _collect_specs(args: argparse.Namespace) -> list[Any]:
     return kept
 
 
-def _print_summary(summary: dict[str, Any], db: str, out: Any) -> None:
+def quarantined_nodes(collector: Any) -> list[str]:
+    """Nodes whose latest reading says the repair agent holds their actuators."""
+    from .dashboard import is_quarantined
+
+    with collector.lock:
+        return sorted(name for name, st in collector.nodes.items() if is_quarantined(st.last_reading))
+
+
+def _print_summary(summary: dict[str, Any], db: str, out: Any, quarantined: list[str] | None = None) -> None:
     nodes = summary["nodes"]
+    held = set(quarantined or ())
     print(
         f"canopy monitor: {summary['duration_s']:.1f} s, {len(nodes)} node(s), {summary['frames']} frames -> {db}",
         file=out,
@@ -150,9 +159,13 @@ def _print_summary(summary: dict[str, Any], db: str, out: Any) -> None:
             f"disconnects {n['disconnects']}"
             + (f"  auth rejects {n['sec_rejects']}" + "".join(f" {k}={v}" for k, v in sorted(n["security"].items()))
                if summary.get("auth") else "")
-            + (f"  refused commands {n['node_sec_rejects']}" if n.get("node_sec_rejects") else ""),
+            + (f"  refused commands {n['node_sec_rejects']}" if n.get("node_sec_rejects") else "")
+            + ("  QUARANTINED" if name in held else ""),
             file=out,
         )
+    if held:
+        print(f"  quarantined at the end (actuators held at failsafe, out of consensus): {len(held)}: "
+              + ", ".join(sorted(held)), file=out)
     if summary.get("auth"):
         print(f"  authentication: {summary['sec_rejects']} frame(s) rejected (security events in the store)",
               file=out)
@@ -321,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         except (BrokenPipeError, ValueError):
             pass
-    _print_summary(collector.summary(), args.db, sys.stderr if args.json else sys.stdout)
+    _print_summary(collector.summary(), args.db, sys.stderr if args.json else sys.stdout,
+                   quarantined_nodes(collector))
     if store.error is not None:
         raise CanopyError(f"writing {args.db!r} failed: {store.error}")
     if loop is not None:

@@ -91,8 +91,9 @@ def load_readings(db: str | Path, *, t0: float, timescale: float, zone_of: Mappi
     try:
         for row in iter_frames(con, kind="reading", since=since):
             # Failsafe ticks repeat old values (zeros before the first reading) and a
-            # missing sensor has none: neither is a measurement to vote with.
-            if row["failsafe"] or (row["faults"] or 0) & 1 or row["t"] is None:
+            # missing sensor has none: neither is a measurement to vote with. A
+            # quarantined node's readings (failsafe bit 2 only) are: release needs them.
+            if (row["failsafe"] or 0) & 1 or (row["faults"] or 0) & 1 or row["t"] is None:
                 continue
             zone = zone_of.get(row["node"])
             if not zone:
