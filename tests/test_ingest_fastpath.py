@@ -1,9 +1,13 @@
-"""The ingest shortcuts (collector fast path, frame_row's common case) change nothing.
+"""The ingest shortcuts (collector fast path, compact readings, frame_row's common case)
+change nothing.
 
-References: the collector fed one frame per `ingest` call never takes its fast path (it
-needs a previous frame of the same call), so it is the reference for the same frames
-fed in one call; `frame_row` of a reading whose dict is in another key order takes the
-general path, the reference for the wire-ordered dict.
+References: a collector with FAST_PATH off takes the general tracker for every frame and
+is fed full Frames (`FrameParser.feed`); the monitor's path (`Collector.feed`: compact
+readings, shortcut within and across reads) must give the same node and port state, the
+same link events and node upserts, and the same STORED rows (compared after SQLite has
+stored them: compact rows carry decimal text that the INTEGER columns convert).
+`frame_row` of a reading whose dict is in another key order takes the general path, the
+reference for the wire-ordered dict.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+
+import zlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -80,9 +86,10 @@ def _state(c: Collector) -> tuple:
 def test_collector_batched_equals_one_by_one(steps, chunk):
     frames = _frames(steps)
     results = []
-    for size in (1, chunk):
+    for size, fast in ((1, False), (chunk, True)):
         store = RecordingStore()
         c = Collector(store, clock=lambda: 100.0)  # type: ignore[arg-type]
+        c.FAST_PATH = fast
         ps = c.add_port(PortSpec(label="p", path="/dev/p"))
         parser = FrameParser()
         for k in range(0, len(frames), size):
@@ -115,3 +122,159 @@ def test_wire_ordered_reading_with_a_bool_or_text_still_goes_to_extra():
     shuffled = frame_row(0.0, "p", Frame("reading", "n", 1, 2, dict(reversed(list(fields.items()))), b""))
     assert row[:-1] == shuffled[:-1] and json.loads(row[-1]) == json.loads(shuffled[-1])
     assert row[-1] is not None and '"faults":true' in row[-1] and '"tick":"7"' in row[-1]
+
+
+# -- the monitor's whole path: bytes -> Collector.feed -> stored rows ------------------
+
+def _body_line(body: bytes) -> bytes:
+    return body + b" *%08x\n" % zlib.crc32(body)
+
+
+def _wire(node: str, boot: int, seq: int, op: str) -> bytes:
+    vals = ",".join(str((seq * 7919 + k * 104729) % 2000003 - 10**6) for k in range(15))
+    body = f"@CNP1 {node} {boot} {seq} R {vals}".encode()
+    if op == "hello":
+        return _body_line(f"@CNP1 {node} {boot} {seq} H board=esp32 fw_version=1.{seq % 2}".encode())
+    if op == "extra":
+        return _body_line(body + b",5")
+    if op == "tag":
+        return _body_line(body + b" !" + b"%032x" % seq)
+    line = _body_line(body)
+    if op == "crc":
+        line = line.replace(b"*", b"*f", 1)[:-2] + b"\n"
+    return line
+
+
+stream_op = st.one_of(
+    st.tuples(st.just("next"), st.integers(1, 6)),
+    st.tuples(st.just("jump"), st.integers(-3, 5)),
+    st.tuples(st.just("reboot"), st.integers(0, 3)),
+    st.tuples(st.just("node"), st.sampled_from(["n01", "n02", "n03"])),
+    st.tuples(st.sampled_from(["hello", "wrap", "text", "crc", "extra", "tag"]), st.just(0)),
+)
+
+
+def _stream(ops, node: str) -> bytes:
+    boot, seq = 5, 0
+    out = []
+    for op, arg in ops:
+        if op == "jump":
+            seq = max(0, seq + arg)
+        elif op == "reboot":
+            boot, seq = boot + 1, arg
+        elif op == "node":
+            node = arg
+        elif op == "wrap":
+            seq = 0x3FFFFFFF
+        elif op == "text":
+            out.append(b"Traceback @ line 3\r\n")
+            continue
+        for _ in range(arg if op == "next" else 1):
+            out.append(_wire(node, boot, seq, op if op in ("hello", "crc", "extra", "tag") else "reading"))
+            seq = (seq + 1) & 0x3FFFFFFF
+    return b"".join(out)
+
+
+def _stored(rows) -> list:
+    con = sqlite3.connect(":memory:")
+    con.executescript(SCHEMA)
+    con.executemany(_FRAME_SQL, rows)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(frames)")]
+    return con.execute(f"SELECT {', '.join(f'{c}, typeof({c})' for c in cols)} FROM frames ORDER BY id").fetchall()
+
+
+def _monitor_run(streams: list[bytes], schedule: list[tuple[int, int, int]], reference: bool,
+                 on_frame: bool) -> tuple:
+    store = RecordingStore()
+    seen: list = []
+    c = Collector(store, clock=lambda: 100.0,  # type: ignore[arg-type]
+                  on_frame=(lambda rx, port, f: seen.append((rx, port, f))) if on_frame else None)
+    c.FAST_PATH = not reference
+    ports = [c.add_port(PortSpec(label=f"p{i}", path=f"/dev/p{i}")) for i in range(len(streams))]
+    parsers = [FrameParser() for _ in streams]
+    pos = [0] * len(streams)
+    rx = 100.0
+    for i, size, link in schedule + [(i, 10**6, 0) for i in range(len(streams))]:
+        i %= len(streams)
+        data = streams[i][pos[i]:pos[i] + size]
+        pos[i] += size
+        rx += 0.25
+        if link in (1, 2):  # the link drops (and comes back at once, or only with this read)
+            c.link_lost(ports[i], "gone")
+        if link == 1:
+            c.link_connected(ports[i], f"/dev/p{i}")
+        elif link == 3:
+            c.port_lent(ports[i], "repair")
+        if reference:
+            c.ingest(ports[i], parsers[i], parsers[i].feed(data), rx)
+        else:
+            c.feed(ports[i], parsers[i], data, rx)
+    rows = [x[1] for x in store.calls if x[0] == "frame"]
+    others = [x for x in store.calls if x[0] != "frame"]
+    return _state(c), others, _stored(rows), seen
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.lists(st.lists(stream_op, max_size=25), min_size=1, max_size=3),
+    st.lists(st.tuples(st.integers(0, 2), st.integers(1, 700), st.integers(0, 12).map(lambda d: max(0, d - 9))),
+             max_size=40),
+    st.booleans(),
+)
+def test_monitor_path_equals_general_path(ops_per_port, schedule, on_frame):
+    # ports start on different nodes but may switch to the same one (a node moving ports)
+    streams = [_stream(ops, f"n0{k + 1}") for k, ops in enumerate(ops_per_port)]
+    assert _monitor_run(streams, schedule, False, on_frame) == _monitor_run(streams, schedule, True, on_frame)
+
+
+def test_monitor_path_really_takes_the_shortcuts():
+    # two ports, reads of ~3 frames: after its first read each port's readings stay compact
+    streams = [_stream([("next", 30)], "n01"), _stream([("next", 30)], "n02")]
+    schedule = [(k % 2, 400, False) for k in range(40)]
+    store = RecordingStore()
+    c = Collector(store, clock=lambda: 100.0)  # type: ignore[arg-type]
+    ports = [c.add_port(PortSpec(label=f"p{i}", path=f"/dev/p{i}")) for i in range(2)]
+    parsers = [FrameParser(), FrameParser()]
+    pos = [0, 0]
+    for i, size, _ in schedule:
+        c.feed(ports[i], parsers[i], streams[i][pos[i]:pos[i] + size], 100.0)
+        pos[i] += size
+    rows = [x[1] for x in store.calls if x[0] == "frame"]
+    assert len(rows) == 60
+    assert sum(type(r[6]) is str for r in rows) == 58  # all but each node's first frame
+    assert c.nodes["n02"].last_reading == FrameParser().feed(_wire("n02", 5, 29, "reading"))[0].fields
+
+
+def test_node_moving_between_ports_and_link_events_between_its_reads():
+    # One node's single stream read alternately through two ports (a node moved, or a
+    # hub renumbered): each port's shortcut must not survive the other port's frames,
+    # nor link events of its own port.
+    one = b"".join(_wire("n01", 5, seq, "reading") for seq in range(24))
+    size = len(_wire("n01", 5, 0, "reading")) * 3
+    pieces = [one[k:k + size] for k in range(0, len(one), size)]
+    runs = []
+    for reference in (True, False):
+        store = RecordingStore()
+        c = Collector(store, clock=lambda: 100.0)  # type: ignore[arg-type]
+        c.FAST_PATH = not reference
+        ports = [c.add_port(PortSpec(label=f"p{i}", path=f"/dev/p{i}")) for i in range(2)]
+        parsers = [FrameParser(), FrameParser()]
+        states = []
+        for k, piece in enumerate(pieces):
+            i = (k // 2) % 2  # p0, p0, p1, p1, p0, p0...
+            if k == 3:  # p0 (still n01's port as far as p0 knows) drops while p1 has n01
+                c.link_lost(ports[0], "gone")
+            if k == 5:
+                c.link_lost(ports[i], "gone")
+            if k == 7:
+                c.port_lent(ports[i], "repair")
+            if reference:
+                c.ingest(ports[i], parsers[i], parsers[i].feed(piece), 100.0 + k)
+            else:
+                c.feed(ports[i], parsers[i], piece, 100.0 + k)
+            states.append(_state(c))
+        runs.append((states, [x for x in store.calls if x[0] != "frame"],
+                     _stored([x[1] for x in store.calls if x[0] == "frame"])))
+    assert runs[0] == runs[1]
+    ports_seen = [n["port"] for st_ in runs[0][0] for n in st_[1]]
+    assert "/dev/p0" in ports_seen and "/dev/p1" in ports_seen

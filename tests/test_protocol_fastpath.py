@@ -3,7 +3,9 @@
 The reference is the same parser with the fast path switched off (every line then goes
 through parse_line, whose rules tests/test_protocol.py checks against docs/protocol.md).
 Inputs are hand-built reading lines (not encode_frame) with random byte edits, with and
-without a recomputed CRC, cut into random read sizes.
+without a recomputed CRC, cut into random read sizes. `feed_compact` (the monitor's
+entry) must give the same frames once its compact readings are expanded by
+`compact_frame`, the same counters and text.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ def _reseal(line: bytes) -> bytes:
     return body + b" *%08x" % zlib.crc32(body) if star else line
 
 
-def _run(data: bytes, cuts: list[int], fast: bool, monkeypatch: pytest.MonkeyPatch) -> tuple:
+def _expand(items: list) -> list:
+    for x in items:  # compact readings are plain tuples; anything else a Frame
+        assert type(x) is tuple or isinstance(x, protocol.Frame)
+    return [protocol.compact_frame(x) if type(x) is tuple else x for x in items]
+
+
+def _run(data: bytes, cuts: list[int], fast: bool | str, monkeypatch: pytest.MonkeyPatch) -> tuple:
     with monkeypatch.context() as m:
         if not fast:
             m.setattr(protocol, "_FAST_READING_RE", NEVER)
@@ -40,7 +48,10 @@ def _run(data: bytes, cuts: list[int], fast: bool, monkeypatch: pytest.MonkeyPat
         frames = []
         prev = 0
         for c in sorted(set(cuts)) + [len(data)]:
-            frames += p.feed(data[prev:c])
+            if fast == "compact":
+                frames += _expand(p.feed_compact(data[prev:c]))
+            else:
+                frames += p.feed(data[prev:c])
             prev = c
         p.flush_text()
     return frames, {k: getattr(p, k) for k in COUNTERS}, p.text_lines
@@ -82,7 +93,9 @@ def test_fast_path_matches_general_path(lines, cuts, monkeypatch):
     for node, boot, seq, vals, ops, reseal, ending in lines:
         line = _apply(_line(node, boot, seq, vals), ops)
         data += (_reseal(line) if reseal else line) + ending
-    assert _run(data, cuts, True, monkeypatch) == _run(data, cuts, False, monkeypatch)
+    reference = _run(data, cuts, False, monkeypatch)
+    assert _run(data, cuts, True, monkeypatch) == reference
+    assert _run(data, cuts, "compact", monkeypatch) == reference
 
 
 def test_fast_path_is_taken_and_checks_everything(monkeypatch):
@@ -108,3 +121,37 @@ def test_fast_path_is_taken_and_checks_everything(monkeypatch):
     assert counters["crc_errors"] == 1 and counters["oversize"] == 1 and counters["frames"] == 3
     assert calls.count(True) >= 3  # the good lines went the fast way
     assert (frames, counters, text) == _run(data, [], False, monkeypatch)
+
+
+def _mixed_stream() -> bytes:
+    good = [_line("n01", 7, s, list(range(s, s + 15))) for s in range(3)]
+    tagged = _line("n01", 7, 3, list(range(15)))[:-10] + b" !" + b"ab" * 16 + b" *00000000"
+    return b"".join([
+        good[0], b"\r\n", b"boot text @ not a frame\n", good[1], b"\n",
+        _reseal(tagged) + b"\n",  # a tag: compact too, raw and tag kept
+        _line("n01", 7, 4, list(range(16))) + b"\n",  # an extra field: a Frame
+        _line("n01", 7, 5, list(range(14))) + b"\n",  # one field short: malformed
+        good[2].replace(b" R 2", b" R 3") + b"\n",  # CRC mismatch
+        b"@CNP1 n01 7 6 H board=x fw_version=1" + b"\n",  # no CRC: malformed
+        _reseal(b"@CNP1 n01 7 7 H board=x fw_version=1 *0") + b"\n",
+        good[2] + b"\n", b"tail without newline",
+    ])
+
+
+def test_compact_equals_feed_at_every_split(monkeypatch):
+    data = _mixed_stream()
+    reference = _run(data, [], False, monkeypatch)
+    assert len(reference[0]) == 6 and reference[1]["crc_errors"] == 1 and reference[0][2].tag == "ab" * 16
+    for cut in range(len(data) + 1):
+        assert _run(data, [cut], "compact", monkeypatch) == reference, cut
+    for cut in range(0, len(data) + 1, 7):  # three reads: every pair of cuts 7 bytes apart
+        assert _run(data, [cut, cut + 7], "compact", monkeypatch) == reference, cut
+
+
+def test_compact_readings_are_tuples_only_for_exact_v1_readings():
+    items = FrameParser().feed_compact(_mixed_stream())
+    kinds = [type(x).__name__ for x in items]
+    assert kinds == ["tuple", "tuple", "tuple", "Frame", "Frame", "tuple"]
+    node, boot, seq, values, raw, tag = items[2]
+    assert (node, boot, seq, tag) == ("n01", 7, 3, "ab" * 16) and values == [str(v) for v in range(15)]
+    assert raw.startswith(b"@CNP1 n01 7 3 R 0,1,") and raw.endswith(b" *%08x" % zlib.crc32(raw[:-10]))

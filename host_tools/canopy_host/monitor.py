@@ -45,6 +45,7 @@ from typing import Any
 
 from .errors import CanopyError
 from .paths import BOARDS_DIR
+from .protocol import READING_KEYS, compact_frame
 from .store import Store, frame_row
 
 # docs/protocol.md: the per-boot seq starts at 0 and wraps from 0x3FFFFFFF back to 0
@@ -263,6 +264,9 @@ class PortState:
     status: str = "waiting"
     counters: dict[str, int] = field(default_factory=lambda: {k: 0 for k, _ in PARSER_COUNTERS})
     seen: dict[str, int] = field(default_factory=lambda: {k: 0 for k, _ in PARSER_COUNTERS})
+    # Collector._frames' shortcut across reads: the node state of this port's last frame,
+    # dropped (Collector._unfast) when anything else touches that node or this port.
+    fast: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -310,7 +314,10 @@ class NodeState:
 
 
 class Collector:
-    """Shared, thread-safe tracker: readers call `ingest`/`link_*`; UI calls `snapshot`."""
+    """Shared, thread-safe tracker: readers call `feed`/`ingest`/`link_*`; UI calls `snapshot`."""
+
+    # False: every frame takes the general tracker (the tests' reference for the shortcuts)
+    FAST_PATH = True
 
     def __init__(
         self,
@@ -333,12 +340,15 @@ class Collector:
         self.total_frames = 0
         self.started = clock()
         self.messages: deque[str] = deque(maxlen=20)  # user-facing notices (bad ports...)
+        # node -> the port whose `fast` shortcut is that node (at most one port per node)
+        self._fast_port: dict[str, PortState] = {}
 
     def add_port(self, spec: PortSpec) -> PortState:
         with self.lock:
             ps = PortState(spec=spec, path=spec.path)
             self.ports.append(ps)
             if spec.node_hint:
+                self._unfast(spec.node_hint)
                 self._node(spec.node_hint, ps)
             return ps
 
@@ -354,6 +364,18 @@ class Collector:
             st.port = ps.path or st.port
         return st
 
+    def _unfast(self, node: str) -> None:
+        other = self._fast_port.pop(node, None)
+        if other is not None:
+            other.fast = None
+
+    def _unfast_port(self, ps: PortState) -> None:
+        # link events change the port's node state (connected, port): no shortcut for it
+        ps.fast = None
+        name = ps.node or ps.spec.node_hint
+        if name:
+            self._unfast(name)
+
     def _event(self, rx: float, ps: PortState, kind: str, **kw: Any) -> None:
         if self.store is not None:
             self.store.add_event(rx, ps.path or ps.spec.label, ps.node or ps.spec.node_hint, kind, **kw)
@@ -367,6 +389,7 @@ class Collector:
     def link_connected(self, ps: PortState, path: str) -> None:
         rx = self.clock()
         with self.lock:
+            self._unfast_port(ps)
             ps.path = path
             ps.connected = True
             ps.connects += 1
@@ -382,6 +405,7 @@ class Collector:
     def link_lost(self, ps: PortState, reason: str) -> None:
         rx = self.clock()
         with self.lock:
+            self._unfast_port(ps)
             ps.connected = False
             ps.disconnects += 1
             ps.status = f"disconnected: {reason}"
@@ -396,6 +420,7 @@ class Collector:
         """The reader closed the port on request (PortReader.lend): not a disconnect."""
         rx = self.clock()
         with self.lock:
+            self._unfast_port(ps)
             was = ps.connected
             ps.connected = False
             ps.status = f"lent: {why}"
@@ -413,6 +438,13 @@ class Collector:
             if first:  # one event per outage, not one per retry
                 self._event(rx, ps, "open_failed", detail=f"{path}: {reason}")
                 self.messages.append(f"{path or ps.spec.label}: cannot open ({reason}); retrying")
+
+    def feed(self, ps: PortState, parser: Any, data: bytes, rx: float | None = None) -> None:
+        """Parse one serial read with `parser` and account for it (PortReader, per read).
+
+        Uses the parser's compact readings when it has them (FrameParser.feed_compact)."""
+        compact = getattr(parser, "feed_compact", None)
+        self.ingest(ps, parser, compact(data) if compact is not None else parser.feed(data), rx)
 
     def ingest(self, ps: PortState, parser: Any, frames: list[Any], rx: float | None = None) -> None:
         """Account for one parser.feed() result: counters, free text, then frames."""
@@ -448,16 +480,47 @@ class Collector:
         rows: list[tuple[Any, ...]] = []
         port = ps.path or ps.spec.label  # ps cannot change while the lock is held
         cutoff = rx - RATE_WINDOW_S
-        # `fast` is the node whose previous frame this call has already accounted for
-        # through _frame(): port bookkeeping done, ps.node is this node, boot known.
-        # Its next in-sequence reading then only needs the counters below; anything
-        # else (other node, reboot, gap, duplicate, other kind) takes _frame().
+        # `fast` is the node whose previous frame was accounted for through _frame() on
+        # this port (in this call, or in an earlier one if the epoch has not moved since):
+        # port bookkeeping done, ps.node is this node, boot known. Its next in-sequence
+        # reading then only needs the counters below; anything else (other node, reboot,
+        # gap, duplicate, other kind, a frame to verify or to show) takes _frame().
         fast: NodeState | None = None
+        if self.FAST_PATH:
+            fast = ps.fast
         verify = self.auth.verify if self.auth is not None else None
+        # compact readings (protocol.compact_frame) stay compact only where nothing
+        # needs a Frame: no verification, no on_frame consumer
+        keep_compact = verify is None and on_frame is None
+        # the values of `fast`'s last compact reading: last_reading is converted from it
+        # once per read, when `fast` changes or the read ends, not once per frame
+        pending: list[str] | None = None
         for f in frames:
+            if type(f) is tuple:
+                st = fast
+                if (keep_compact and st is not None and f[0] == st.node and f[1] == st.boot
+                        and f[2] == st.last_seq + 1):  # type: ignore[operator]
+                    node, boot, seq, values, _, _ = f
+                    st.last_seq = seq
+                    st.frames += 1
+                    st.last_rx = rx
+                    recent = st.recent
+                    recent.append(rx)
+                    while recent[0] < cutoff:
+                        recent.popleft()
+                    self.total_frames += 1
+                    st.readings += 1
+                    pending = values
+                    if store is not None:
+                        # decimal text: the INTEGER columns store it as the same integers
+                        rows.append((rx, port, node, boot, seq, "reading", *values, None))
+                    continue
+                f = compact_frame(f)
             if verify is not None:
                 verdict = verify(f)
                 if verdict != "ok":
+                    if pending is not None:
+                        fast.last_reading, pending = dict(zip(READING_KEYS, map(int, pending))), None  # type: ignore[union-attr]
                     self._rejected(ps, f, verdict, rx)
                     fast = None
                     continue
@@ -473,14 +536,29 @@ class Collector:
                     recent.popleft()
                 self.total_frames += 1
                 st.readings += 1
+                pending = None
                 st.last_reading = f.fields  # the parser makes a new dict per frame
                 if store is not None:
                     rows.append(frame_row(rx, port, f))
                 if on_frame is not None:
                     on_frame(rx, port, f)
             else:
+                if pending is not None:
+                    fast.last_reading, pending = dict(zip(READING_KEYS, map(int, pending))), None  # type: ignore[union-attr]
+                # another port's shortcut for this node would miss what _frame changes
+                if self._fast_port.get(f.node) is not ps:
+                    self._unfast(f.node)
                 self._frame(ps, f, rx, rows)
-                fast = self.nodes[f.node]
+                fast = self.nodes[f.node] if self.FAST_PATH else None
+        if pending is not None:
+            fast.last_reading = dict(zip(READING_KEYS, map(int, pending)))  # type: ignore[union-attr]
+        if ps.fast is not fast:
+            if ps.fast is not None and self._fast_port.get(ps.fast.node) is ps:
+                del self._fast_port[ps.fast.node]
+            ps.fast = fast
+            if fast is not None:
+                self._unfast(fast.node)
+                self._fast_port[fast.node] = ps
         if store is not None:
             store.add_frame_rows(rows)
 
@@ -801,8 +879,7 @@ class PortReader(threading.Thread):
                 data = ser.read(n if n > 0 else 1)
                 if data:
                     rx = self.collector.clock()
-                    frames = parser.feed(data)
-                    self.collector.ingest(self.ps, parser, frames, rx)
+                    self.collector.feed(self.ps, parser, data, rx)
         except Exception as exc:  # SerialException / OSError: the link is gone
             self._last_words(parser)
             if not self._stop_evt.is_set() and self._wanted is None:

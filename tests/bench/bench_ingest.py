@@ -88,7 +88,7 @@ def run_pipeline(chunks: list[tuple[int, bytes]], nports: int, db: Path | None, 
     t0 = _now()
     for i, data in chunks:
         p = parsers[i]
-        collector.ingest(ports[i], p, p.feed(data), clock())
+        collector.feed(ports[i], p, data, clock())
     if store is not None:
         store.close()  # includes the final flush: everything committed
     elapsed = _now() - t0
