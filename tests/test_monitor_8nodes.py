@@ -37,8 +37,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(sys.platform != "linux", reason="virtual nodes need Linux ptys")]
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="virtual nodes need Linux ptys")
 
 SPEED = 10  # simulated s per wall s; the fault times below are simulated seconds since boot
 MONITOR_S = 14.0
@@ -98,6 +97,41 @@ def _inside(t: float, windows: list[tuple[float, float]]) -> tuple[float, float]
     return next((w for w in windows if w[0] <= t <= w[1]), None)
 
 
+# -- the delivery log's bookkeeping on its own (fast) --------------------------------------
+
+FRAME_A = b"@CNP1 n01 3 7 R 1,2,3 *0badc0de\r\n"
+FRAME_B = b"@CNP1 n01 3 8 H board=x *12345678\r\n"
+
+
+def test_delivery_log_classifies_lines_from_what_reached_the_pty(tmp_path: Path) -> None:
+    from canopy_host.sim import DeliveryLog, parse_fault
+
+    assert parse_fault("n03:garbage_inline=12@5/2").kind == "garbage_inline"
+    dl = DeliveryLog(tmp_path / "d.jsonl", "n01")
+    dl.output(b"hello text\r\n" + FRAME_A, 10**6)               # text line ignored, frame delivered
+    dl.output(FRAME_B[:10], 10)
+    dl.garbage(5, 5, "garbage_inline")                         # inside FRAME_B
+    dl.output(FRAME_B[10:], len(FRAME_B) - 10)
+    dl.garbage(4, 0, "garbage")                                # between lines, nobody reading
+    dl.output(FRAME_A + FRAME_B, len(FRAME_A) + 3)             # the reader's buffer filled up mid-FRAME_B
+    dl.output(FRAME_A[:16], 16)
+    dl.cut()                                                   # the process died mid-line
+    dl.close()
+    recs = _read_log(tmp_path / "d.jsonl")
+    frames = [(r["seq"], r["type"], r["status"]) for r in recs if r["ev"] == "frame"]
+    assert frames == [(7, "R", "delivered"), (8, "H", "damaged"), (7, "R", "delivered"), (8, "H", "dropped"),
+                      (7, "R", "cut")]
+    garbage = [r for r in recs if r["ev"] == "garbage"]
+    assert [(g["position"], g["delivered"], g.get("damaged")) for g in garbage] == [
+        ("inside", 5, {"node": "n01", "boot": 3, "seq": 8}), ("between", 0, None)]
+    # the damaged frame's record follows the garbage that damaged it
+    assert recs.index(garbage[0]) + 1 == next(i for i, r in enumerate(recs) if r.get("status") == "damaged")
+    assert recs[0]["crc"] == "0badc0de" and recs[0]["t"] <= recs[0]["t_end"]
+
+
+# -- the monitor session ------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("m8")
@@ -141,6 +175,8 @@ def truth(session) -> dict[str, list[dict[str, Any]]]:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
+@linux_only
 def test_store_matches_what_the_nodes_delivered(session, truth) -> None:
     assert "Traceback" not in session["err"]
     con = sqlite3.connect(session["db"])
@@ -250,6 +286,8 @@ def test_store_matches_what_the_nodes_delivered(session, truth) -> None:
     assert len(edge_misses) <= 4, edge_misses  # a handful at port open/close, not a pattern
 
 
+@pytest.mark.slow
+@linux_only
 def test_mpremote_deploys_main_and_the_node_runs_it_after_reset(session, truth, tmp_path: Path) -> None:
     # After the monitor stopped (the port is free); the sim is still running.
     from canopy_host.transport import open_port
