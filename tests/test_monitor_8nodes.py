@@ -138,7 +138,7 @@ def session(tmp_path_factory: pytest.TempPathFactory):
     state, db, simdir = tmp / "state.json", tmp / "m.db", tmp / "sim"
     sim_log = (tmp / "sim.out").open("wb")
     args = ["sim", "--nodes", "8", "--zones", "2", "--speed", str(SPEED), "--dir", str(simdir),
-            "--state", str(state), "--duration", "60", "--delivery-log"]
+            "--state", str(state), "--duration", "120", "--delivery-log"]
     for specs in FAULTS.values():
         for spec in specs:
             args += ["--fault", spec]
