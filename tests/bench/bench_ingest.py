@@ -17,6 +17,9 @@ ONE core (the store's writer thread shares it):
 and prints frames/s of each (per CPU second of this process) and pipeline/raw (target
 >= 0.50). Also shows the cost
 split (parse only, parse + track without store) so a regression can be located.
+
+--keyed: every frame carries an HMAC tag (docs/security.md) and the collector verifies
+it (HostAuth), as `canopy monitor --master-key` does; the stored rows are the same.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +39,7 @@ sys.path.insert(0, str(REPO / "host_tools"))
 
 from canopy_host.monitor import Collector, PortSpec  # noqa: E402
 from canopy_host.protocol import READING_KEYS, FrameParser, encode_frame  # noqa: E402
+from canopy_host.security import HostAuth, derive_node_key  # noqa: E402
 from canopy_host.store import _FRAME_SQL, Store, frame_row, open_db  # noqa: E402
 
 
@@ -43,11 +48,20 @@ from canopy_host.store import _FRAME_SQL, Store, frame_row, open_db  # noqa: E40
 _now = time.process_time
 
 
-def make_streams(nodes: int, per_node: int, seed: int) -> list[bytes]:
+def _tagged(line: bytes, key: bytes) -> bytes:
+    from canopy_host.security import tag_bytes
+
+    body = line.rpartition(b" *")[0]
+    body += b" !" + tag_bytes(key, body).hex().encode()
+    return body + b" *%08x\n" % zlib.crc32(body)
+
+
+def make_streams(nodes: int, per_node: int, seed: int, master: bytes | None = None) -> list[bytes]:
     rng = random.Random(seed)
     streams = []
     for n in range(nodes):
         node = f"n{n + 1:02d}"
+        key = derive_node_key(master, node) if master is not None else None
         boot = rng.randrange(1, 10**9)
         lines = []
         t, h = 2500 + rng.randrange(-300, 300), 50000
@@ -59,7 +73,8 @@ def make_streams(nodes: int, per_node: int, seed: int) -> list[bytes]:
                 rng.randrange(10001), rng.randrange(10001), rng.randrange(10001), 0, 0, seq,
                 rng.randrange(-10**6, 10**6), rng.randrange(-10**6, 10**6), rng.randrange(-10**6, 10**6),
             )))
-            lines.append(encode_frame("reading", node, boot, seq, fields))
+            line = encode_frame("reading", node, boot, seq, fields)
+            lines.append(_tagged(line, key) if key is not None else line)
         streams.append(b"".join(lines))
     return streams
 
@@ -79,9 +94,11 @@ def chunked(streams: list[bytes], chunk: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def run_pipeline(chunks: list[tuple[int, bytes]], nports: int, db: Path | None, max_batch: int) -> tuple[float, int]:
+def run_pipeline(chunks: list[tuple[int, bytes]], nports: int, db: Path | None, max_batch: int,
+                 master: bytes | None = None, counter: Path | None = None) -> tuple[float, int]:
     store = Store(db, max_batch=max_batch) if db is not None else None
-    collector = Collector(store)
+    auth = HostAuth(master, counter) if master is not None and counter is not None else None
+    collector = Collector(store, auth=auth)
     ports = [collector.add_port(PortSpec(label=f"/dev/pts/{i}", path=f"/dev/pts/{i}")) for i in range(nports)]
     parsers = [FrameParser() for _ in range(nports)]
     clock = time.time
@@ -100,7 +117,7 @@ def run_parse_only(chunks: list[tuple[int, bytes]], nports: int) -> tuple[float,
     n = 0
     t0 = _now()
     for i, data in chunks:
-        n += len(parsers[i].feed(data))
+        n += len(parsers[i].feed_compact(data))  # what Collector.feed uses
     return _now() - t0, n
 
 
@@ -146,13 +163,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="best of N (default 5)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval (default: Python's 0.005 s)")
+    ap.add_argument("--keyed", action="store_true", help="tagged frames, verified by the collector")
     args = ap.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if hasattr(os, "sched_setaffinity"):
         cpu = sorted(os.sched_getaffinity(0))[0]
         os.sched_setaffinity(0, {cpu})  # one core, writer thread included
-    streams = make_streams(args.nodes, args.frames_per_node, args.seed)
+    master = bytes(range(32)) if args.keyed else None
+    streams = make_streams(args.nodes, args.frames_per_node, args.seed, master)
     chunks = chunked(streams, args.chunk)
     total = args.nodes * args.frames_per_node
     mean_len = sum(map(len, streams)) / total
@@ -169,7 +188,7 @@ def main() -> None:
                 elif name == "rowwise":
                     el = run_raw_rowwise(rows, db, batch)
                 elif name == "pipeline":
-                    el, n = run_pipeline(chunks, args.nodes, db, batch)
+                    el, n = run_pipeline(chunks, args.nodes, db, batch, master, Path(tmp) / f"c{r}.json")
                     assert n == total, n
                     stored = sqlite3.connect(db).execute("SELECT COUNT(*) FROM frames").fetchone()[0]
                     assert stored == total, stored
@@ -177,13 +196,13 @@ def main() -> None:
                     el, n = run_parse_only(chunks, args.nodes)
                     assert n == total
                 else:
-                    el, n = run_pipeline(chunks, args.nodes, None, batch)
+                    el, n = run_pipeline(chunks, args.nodes, None, batch, master, Path(tmp) / f"c{r}.json")
                     assert n == total
                 best[name] = min(best.get(name, float("inf")), el)
     rate = {k: total / v for k, v in best.items()}
     print(f"ingest: {args.nodes} nodes x {args.frames_per_node} reading frames = {total} frames "
           f"({mean_len:.0f} B each), {args.chunk}-byte reads, one core, best of {args.repeat}, "
-          f"switch interval {sys.getswitchinterval() * 1000:g} ms")
+          f"switch interval {sys.getswitchinterval() * 1000:g} ms{', tagged + verified' if args.keyed else ''}")
     print(f"  raw SQLite inserts (identical rows) : {rate['raw']:>10,.0f} frames/s")
     print(f"  raw, one execute() per row          : {rate['rowwise']:>10,.0f} frames/s  (informative)")
     print(f"  pipeline parse+track+store          : {rate['pipeline']:>10,.0f} frames/s")
