@@ -481,8 +481,8 @@ class Collector:
         port = ps.path or ps.spec.label  # ps cannot change while the lock is held
         cutoff = rx - RATE_WINDOW_S
         # `fast` is the node whose previous frame was accounted for through _frame() on
-        # this port (in this call, or in an earlier one if the epoch has not moved since):
-        # port bookkeeping done, ps.node is this node, boot known. Its next in-sequence
+        # this port (in this call, or in an earlier one if nothing has dropped ps.fast
+        # since): port bookkeeping done, ps.node is this node, boot known. Its next in-sequence
         # reading then only needs the counters below; anything else (other node, reboot,
         # gap, duplicate, other kind, a frame to verify or to show) takes _frame().
         fast: NodeState | None = None
