@@ -22,16 +22,29 @@ Decision rules (docs/repair.md "The continuous loop"):
   (the median of its readings in the window). A class alone (a noise or stuck score)
   on a node that agrees with its zone within the allowance is not worth taking its
   actuators away.
-* ACTION: quarantine (actuators to failsafe, out of the vote) plus, where the
-  consensus recommends it, a recalibration by its offset; if it only recommends
-  quarantine but the node is measurably off, the measured error is corrected too, so
-  the node can agree again.
+* ACTION: quarantine (actuators to failsafe, out of the vote) plus a temperature
+  recalibration by the error MEASURED in the detection window (the node's median
+  minus the zone's value; the fault tracker's own offset averages in the windows of
+  a still-growing drift), and the other quantities' recommended recalibrations.
 * RELEASE: after `RELEASE_AFTER` complete windows in a row, after the repair, in which
   the zone has a temperature quorum and the node is a truechimer (hysteresis: one
   agreeing window is not enough, a disagreeing one restarts the count).
-* ONCE PER RUN: a node is repaired at most once per loop run: the tracker's offsets
-  afterwards mix readings from before and after the recalibration. A node that goes
-  wrong again is reported in the audit log (`again_wrong`) for `canopy repair`.
+* CONVERGE: a node's own control loop moves its site's air against its wrong reading,
+  so its zone sees only part of the sensor error (the loop's "gain" k < 1). After the
+  release the loop keeps measuring the node's residual against its zone, per window,
+  until it has settled (`settled_residual`: the limit of its first-order approach,
+  extrapolated from three windows) and trims the calibration by residual / k. k is 1
+  (plain fixed-point iteration: each step leaves (1 - k) of the error, no overshoot)
+  until two in-service residuals around a big enough correction give a secant
+  estimate (k = (r_prev - r) / correction, clamped to `GAIN_RANGE`). Trims happen
+  without a quarantine: failsafe actuators change the site's air, which is exactly
+  what would bias the measurement. The loop stops as REPAIRED once the settled
+  residual is at most `DONE_C`, and ESCALATES to a human (audit `escalated`, no more
+  steps) when a residual does not shrink geometrically (> `CONVERGENCE_RATIO` x the
+  previous in-service one) or after `MAX_STEPS` calibration steps. Every step is journaled and
+  audited (`trim`).
+* A node that was repaired or escalated and is wrong again later in the run is only
+  reported in the audit log (`again_wrong`) for `canopy repair`.
 
     loop = RepairLoop(db, shadow_path, lend=readers_lender(readers), client_for=client_for,
                       t0=time.time(), timescale=60.0, zone_of=lambda: {"n01": "A", ...})
@@ -66,6 +79,19 @@ LEND_TIMEOUT_S = 5.0  # how long the reader may take to let go of the port
 HISTORY_WINDOWS = 60  # windows judged per check: the fault tracker's own memory (FaultConfig.history),
 #                       so a monitor running for days does not re-judge its whole store every check
 UNITS = {"t": "°C", "p": "hPa", "h": "%RH"}
+SETTLE_AFTER_RELEASE = 1  # whole windows skipped after a release (the failsafe actuators' integrators
+#                           restart: not yet the smooth approach `settled_residual` extrapolates)
+STILL_C = 0.05  # °C per window: a residual moving less than this has settled
+GEOMETRIC_MAX = 0.8  # a window-to-window ratio above this is too slow to extrapolate: wait
+MAX_WAIT_WINDOWS = 8  # an unsettled (oscillating) residual is averaged after this many windows
+DONE_C = 0.25  # °C: a settled residual this small is repaired (half the ±0.5 °C a node should agree
+#                with its zone by; a healthy node's own microclimate is about 0.1 °C off its zone)
+SETTLE_AFTER_TRIM = 1  # whole windows skipped after a trim (the air's response starts S-shaped)
+GAIN_MIN_STEP_C = 0.5  # °C: a smaller correction is too close to the noise to estimate the gain from
+MAX_STEPS = 5  # calibration steps per node per run (the first repair included)
+CONVERGENCE_RATIO = 0.7  # each measured residual must be at most this times the previous one
+GAIN_RANGE = (0.5, 1.0)  # the share of a sensor error the zone sees while the node controls: at most
+#                         all of it; the floor bounds an overshoot from a noisy estimate to 2x
 
 
 def _clock_text(seconds: float) -> str:
@@ -168,10 +194,15 @@ def decide_repairs(latest: list[dict[str, Any]], items: list[Any], nodes: Iterab
             continue  # agrees with its zone within the allowance: a score alone is not enough
         findings: list[dict[str, Any]] = [{"node": node, "actionable": True, "action": {"kind": "quarantine"}}]
         what = ["quarantined"]
+        # Temperature is corrected by the error measured in this window: the tracker's
+        # offset averages in older windows (a drift still growing when it started).
         recal = [(v, f) for v, f in alarms if f["action"]["kind"] == "recalibrate"
-                 and f["action"].get("offset") is not None]
-        if off and not any(v["quantity"] == TRIGGER_QUANTITY for v, _ in recal):
-            recal.append((tv, {"action": {"kind": "recalibrate", "offset": error}}))
+                 and f["action"].get("offset") is not None and v["quantity"] != TRIGGER_QUANTITY]
+        if off and error is not None:
+            recal.insert(0, (tv, {"action": {"kind": "recalibrate", "offset": error}}))
+        elif error is not None and any(v["quantity"] == TRIGGER_QUANTITY and f["action"]["kind"] == "recalibrate"
+                                       for v, f in alarms):
+            recal.insert(0, (tv, {"action": {"kind": "recalibrate", "offset": error}}))
         for v, f in recal:
             q, offset = v["quantity"], float(f["action"]["offset"])
             findings.append({"node": node, "actionable": True,
@@ -181,6 +212,71 @@ def decide_repairs(latest: list[dict[str, Any]], items: list[Any], nodes: Iterab
         why = "voted out of zone " + str(tv["zone"]) if voted_out else f"{error:+.2f} °C from zone {tv['zone']}"
         out.append(Decision(node, "repair", float(tv["window_start"]), findings, classes, what, why, error))
     return out
+
+
+def node_residuals(node: str, zone: str, complete: list[dict[str, Any]], items: list[Any], since: float,
+                   window: float = WINDOW_S) -> list[tuple[float, float]]:
+    """(window_start, node median - zone value) per complete temperature window of the
+    zone from `since` on, in order; windows without a quorum or without the node's
+    readings are left out (nothing to measure against)."""
+    out = []
+    for v in sorted((v for v in complete if v["quantity"] == TRIGGER_QUANTITY and v["zone"] == zone
+                     and v["window_start"] >= since), key=lambda v: v["window_start"]):
+        e = zone_error(node, v, items, window)
+        if e is not None:
+            out.append((float(v["window_start"]), e))
+    return out
+
+
+def settled_residual(values: list[float]) -> float | None:
+    """The residual a node is settling to, from its per-window residuals since the last
+    change (oldest first), or None while it cannot be told yet.
+
+    The site's air follows a calibration change (through the node's control loop and
+    the canopy's thermal time constant) roughly like a first-order system, so the
+    last three windows form a geometric sequence; its limit (Aitken's extrapolation:
+    r3 + d2 * q / (1 - q), q = d2 / d1) is the steady residual without waiting several
+    time constants. A residual that no longer moves (< `STILL_C` per window) is taken
+    as it is; one that oscillates is averaged once `MAX_WAIT_WINDOWS` have passed."""
+    if len(values) >= MAX_WAIT_WINDOWS:
+        return sum(values[-2:]) / 2
+    if len(values) < 3:
+        return None
+    r1, r2, r3 = values[-3:]
+    d1, d2 = r2 - r1, r3 - r2
+    if d1 and 0 < d2 / d1 <= GEOMETRIC_MAX:
+        q = d2 / d1
+        return r3 + d2 * q / (1 - q)
+    if abs(d2) <= STILL_C:
+        return (r2 + r3) / 2
+    return None
+
+
+def next_trim(residual: float, history: list[tuple[float, float]]) -> tuple[str, float, float]:
+    """CONVERGE: what to do with a node's newly settled residual.
+
+    `history` holds (settled residual, correction applied after it) of the node's
+    earlier steps, oldest first; the first entry is its detection, measured while its
+    sensor may still have been drifting and its control loop saturated, so it never
+    enters the gain. The gain is the share of a sensor error the zone sees: 1 (plain
+    fixed-point iteration, which cannot overshoot) until two in-service residuals
+    around a correction of at least `GAIN_MIN_STEP_C` give a secant estimate, clamped
+    to `GAIN_RANGE`. Returns (verdict, correction, gain): "done" (|residual| at most
+    `DONE_C`), "trim" (apply residual / gain) or "escalate" (the residual did not shrink
+    to `CONVERGENCE_RATIO` of the previous in-service one, or `MAX_STEPS` are spent)."""
+    lo, hi = GAIN_RANGE
+    gain = hi
+    service = history[1:] + [(residual, 0.0)]
+    for (before, applied), (after, _) in zip(service, service[1:]):
+        if abs(applied) >= GAIN_MIN_STEP_C:
+            gain = min(max((before - after) / applied, lo), hi)
+    correction = residual / gain
+    if abs(residual) <= DONE_C:
+        return "done", correction, gain
+    # Only in-service residuals are compared: the detection's was measured in another regime.
+    if len(history) >= MAX_STEPS or (len(history) > 1 and abs(residual) > CONVERGENCE_RATIO * abs(history[-1][0])):
+        return "escalate", correction, gain
+    return "trim", correction, gain
 
 
 def agreeing_run(node: str, zone: str, complete: list[dict[str, Any]], since: float) -> int:
@@ -251,6 +347,11 @@ class RepairLoop:
         self.repaired: dict[str, float] = {}  # node -> first window after its repair
         self.released: set[str] = set()
         self.reported_again: set[str] = set()
+        # CONVERGE state per released node: (residual, correction) per step so far, the
+        # window from which the next residual is measured, and the end of its course.
+        self.steps: dict[str, list[tuple[float, float]]] = {}
+        self.measure_from: dict[str, float] = {}
+        self.outcome: dict[str, str] = {}  # node -> "repaired" | "escalated"
         self.events: list[RepairEvent] = []
         self.checks = 0
         self.errors = 0
@@ -297,18 +398,23 @@ class RepairLoop:
                 run = agreeing_run(node, zones.get(node, "?"), complete, self.repaired[node])
                 if run >= RELEASE_AFTER:
                     self._release(node, zones.get(node, "?"), run)
+        for node in sorted(self.measure_from):
+            if node not in self.outcome:
+                self._converge(node, zones.get(node, "?"), complete, items)
         candidates = {n for v in latest for n in v.get("faults", {})}
         for d in decide_repairs(latest, items, candidates, self.window):
-            if d.node in self.repaired:
+            if d.node in self.repaired and d.node in self.outcome:
                 if d.node not in self.reported_again:
                     self.reported_again.add(d.node)
                     self._note(d.node, "again_wrong", {"classes": d.classes, "why": d.why,
                                                        "window_start": d.window_start,
-                                                       "hint": "repaired once this run: run `canopy repair`"})
+                                                       "hint": f"{self.outcome[d.node]} this run: run `canopy repair`"})
                     # A notice for a human, not a failed repair: ok stays True.
-                    self._event(d.node, f"wrong again ({d.why}); not repaired twice in one run: "
-                                        "see `canopy audit`, run `canopy repair`", True)
+                    self._event(d.node, f"wrong again ({d.why}) after its course ended "
+                                        f"({self.outcome[d.node]}): see `canopy audit`, run `canopy repair`", True)
                 continue
+            if d.node in self.repaired:
+                continue  # under repair: its quarantine or its trims decide
             self._repair(d)
         return self.events[before:]
 
@@ -322,6 +428,52 @@ class RepairLoop:
         states = self.apply(d.node, d.findings)
         ok = bool(states) and set(states) <= {"VERIFIED"}
         self._event(d.node, f"{', '.join(d.what)} [{', '.join(states) or 'nothing to do'}]", ok)
+        t_cal = next((float(f["action"]["offset"]) for f in d.findings if f["action"]["kind"] == "recalibrate"
+                      and f["action"].get("quantity") == TRIGGER_QUANTITY), 0.0)
+        if d.t_error is not None:
+            self.steps[d.node] = [(d.t_error, t_cal)]
+
+    def _next_window(self, settle: int) -> float:
+        """Start of the first window that begins `settle` whole windows after now."""
+        now = self.now()
+        return (-(-now // self.window) + settle) * self.window
+
+    def _converge(self, node: str, zone: str, complete: list[dict[str, Any]], items: list[Any]) -> None:
+        res = node_residuals(node, zone, complete, items, self.measure_from[node], self.window)
+        residual = settled_residual([e for _, e in res])
+        if residual is None:
+            return  # still settling
+        history = self.steps.setdefault(node, [])
+        verdict, correction, gain = next_trim(residual, history)
+        detail = {"residual": round(residual, 3), "measured": [round(e, 3) for _, e in res],
+                  "since_window": self.measure_from[node], "steps": len(history)}
+        if verdict == "done":
+            self.outcome[node] = "repaired"
+            self._note(node, "converged", dict(detail, gain=round(gain, 3), left=round(correction, 3)))
+            self._event(node, f"repaired: settles {residual:+.2f} °C from zone {zone} over {len(res)} windows "
+                              f"(about {correction:+.2f} °C of sensor error left) after {len(history)} "
+                              "calibration step(s)", True)
+            return
+        if verdict == "escalate":
+            self.outcome[node] = "escalated"
+            why = (f"still {residual:+.2f} °C from zone {zone} after {len(history)} calibration steps"
+                   if len(history) >= MAX_STEPS else
+                   f"residual {residual:+.2f} °C did not shrink enough (previous {history[-1][0]:+.2f} °C)")
+            self._note(node, "escalated", dict(detail, why=why, hint="needs a human: check or replace the sensor"))
+            self._event(node, f"NOT converging ({why}): left for a human, see `canopy audit`", False)
+            return
+        self._note(node, "trim", dict(detail, gain=round(gain, 3), correction=round(correction, 3)))
+        finding = {"node": node, "actionable": True,
+                   "action": {"kind": "recalibrate", "quantity": TRIGGER_QUANTITY, "offset": correction}}
+        states = self.apply(node, [finding])
+        ok = bool(states) and set(states) <= {"VERIFIED"}
+        history.append((residual, correction))
+        self.measure_from[node] = self._next_window(SETTLE_AFTER_TRIM)
+        how = "a fixed-point step" if correction == residual else f"the zone sees {gain:.0%} of an error"
+        self._event(node, f"settles {residual:+.2f} °C from zone {zone} while in service: t trimmed by "
+                          f"{-correction:+.2f} °C ({how}) [{', '.join(states) or 'nothing to do'}]", ok)
+        if not ok:
+            self.outcome[node] = "escalated"
 
     def _release(self, node: str, zone: str, run: int) -> None:
         self._note(node, "agrees", {"zone": zone, "agreeing_windows": run, "since_window": self.repaired[node]})
@@ -330,6 +482,9 @@ class RepairLoop:
         self._event(node, f"agrees with zone {zone} again ({run} windows): released "
                           f"[{', '.join(states) or 'nothing to do'}]", ok)
         self.released.add(node)
+        if ok:
+            # Its own control loop moves its air again: measure it from there (CONVERGE).
+            self.measure_from[node] = self._next_window(SETTLE_AFTER_RELEASE)
 
     def _event(self, node: str, text: str, ok: bool) -> None:
         ev = RepairEvent(self.now(), node, text, ok)
@@ -402,11 +557,15 @@ class RepairLoop:
 
     # -- in the background --
 
-    def start(self, every_s: float = CHECK_S) -> None:
+    def start(self, every_s: float | None = None) -> None:
         """Check every `every_s` wall seconds in a thread (the caller's UI stays live
-        while a node is being repaired)."""
+        while a node is being repaired); by default `CHECK_S`, or once per window if
+        windows pass faster than that (virtual nodes at speed: each settling step of
+        CONVERGE waits for whole windows, so a slower check only adds delay)."""
         if self._thread is not None:
             return
+        if every_s is None:
+            every_s = min(CHECK_S, self.window / self.timescale)
 
         def loop() -> None:
             while not self._stop.wait(every_s):
