@@ -74,3 +74,18 @@ def test_first_trim_is_a_plain_fixed_point_step_and_done_is_small():
     verdict, correction, gain = next_trim(1.2, [(3.0, 3.0)])
     assert (verdict, correction, gain) == ("trim", 1.2, 1.0)
     assert next_trim(DONE_C * 0.9, [(3.0, 3.0), (1.2, 1.2)])[0] == "done"
+
+
+def test_a_course_cut_short_is_not_reported_as_repaired(tmp_path):
+    from canopy_host.repair_loop import RepairLoop
+
+    loop = RepairLoop(tmp_path / "none.db", tmp_path / "shadow.json", lend=None, client_for=None,
+                      t0=0.0, clock=lambda: 600.0)
+    loop.repaired = {"n01": 120.0, "n02": 120.0, "n03": 120.0}
+    loop.released = {"n02", "n03"}
+    loop.steps = {"n02": [(3.0, 3.0)], "n03": [(3.0, 3.0), (1.0, 1.0)]}
+    loop.outcome = {"n03": "repaired"}
+    notes = {ev.node: ev.text for ev in loop.unfinished()}
+    assert set(notes) == {"n01", "n02"}
+    assert "still quarantined" in notes["n01"] and "released, 1 calibration step" in notes["n02"]
+    assert all("not repaired yet" in t for t in notes.values())

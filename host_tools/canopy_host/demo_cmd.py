@@ -444,7 +444,7 @@ def run_mesh(args: argparse.Namespace) -> int:
     if store.error is not None:
         raise CanopyError(f"writing {str(db)!r} failed: {store.error}")
     report = build_report(db, collector.summary(), t0=t0, speed=speed, members=zone_members(nodes, zones))
-    report.repairs = repairer.events if repairer is not None else []
+    report.repairs = repairer.events + repairer.unfinished() if repairer is not None else []
     report.auth = collector.auth is not None
     report.attack = attack
     print()

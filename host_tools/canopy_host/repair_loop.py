@@ -433,6 +433,20 @@ class RepairLoop:
         if d.t_error is not None:
             self.steps[d.node] = [(d.t_error, t_cal)]
 
+    def unfinished(self) -> list[RepairEvent]:
+        """One notice per node whose course had not ended (repaired or escalated) when
+        asked, e.g. at the end of a session: a summary must not read as "repaired"."""
+        out = []
+        for node in sorted(self.repaired):
+            if node in self.outcome:
+                continue
+            steps = len(self.steps.get(node, []))
+            where = ("still quarantined" if node not in self.released
+                     else f"released, {steps} calibration step(s), its residual still being measured")
+            out.append(RepairEvent(self.now(), node, f"not repaired yet when the run ended ({where}): "
+                                                     "run longer, or see `canopy audit` and `canopy repair`"))
+        return out
+
     def _next_window(self, settle: int) -> float:
         """Start of the first window that begins `settle` whole windows after now."""
         now = self.now()
