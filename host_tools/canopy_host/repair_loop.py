@@ -18,8 +18,8 @@ Decision rules (docs/repair.md "The continuous loop"):
   same window's recalibrations of the other quantities come along (a BME280 compensates
   pressure and humidity with its temperature).
 * MEASURABLY WRONG: the node must also be voted out of its zone's temperature verdict
-  or be at least `T_ACCURACY_C` (the BME280's absolute accuracy) from the zone's value
-  (the median of its readings in the window). A class alone (a noise or stuck score)
+  or be at least `T_ACCURACY_C` (the BME280's absolute accuracy) from its neighbours
+  (the median of its readings in the window minus the median of theirs: `zone_error`). A class alone (a noise or stuck score)
   on a node that agrees with its zone within the allowance is not worth taking its
   actuators away.
 * ACTION: quarantine (actuators to failsafe, out of the vote) plus a temperature
@@ -150,16 +150,32 @@ def is_actionable(verdict: Mapping[str, Any], finding: Mapping[str, Any]) -> boo
             and (finding.get("action") or {}).get("kind") in REPAIR_ACTIONS)
 
 
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
 def zone_error(node: str, verdict: Mapping[str, Any], items: Iterable[Any], window: float) -> float | None:
-    """The node's median reading in the verdict's window minus the zone's value."""
+    """The node's median reading in the verdict's window minus its NEIGHBOURS' value
+    there (the median of the other nodes' medians). Leave-one-out on purpose: the
+    verdict's own value includes the node, and once the node reads within its
+    neighbours' spread (a small error left, 4 nodes: the median of the middle two) it
+    pulls that value toward itself and hides part of its own error."""
     if verdict.get("status") != "OK" or verdict.get("value") is None:
-        return None
+        return None  # no quorum: nothing to measure against
     ws = float(verdict["window_start"])
-    mine = sorted(r.value for r in items if r.node == node and r.quantity == verdict["quantity"]
-                  and ws <= r.time < ws + window)
+    per: dict[str, list[float]] = {}
+    for r in items:
+        if (getattr(r, "zone", verdict["zone"]) == verdict["zone"] and r.quantity == verdict["quantity"]
+                and ws <= r.time < ws + window):
+            per.setdefault(r.node, []).append(r.value)
+    mine = per.pop(node, None)
     if not mine:
         return None
-    return mine[len(mine) // 2] - float(verdict["value"])
+    # Without the neighbours' readings at hand, the consensus' own value is all there is.
+    ref = _median([_median(v) for v in per.values()]) if per else float(verdict["value"])
+    return _median(mine) - ref
 
 
 @dataclass
@@ -216,7 +232,7 @@ def decide_repairs(latest: list[dict[str, Any]], items: list[Any], nodes: Iterab
 
 def node_residuals(node: str, zone: str, complete: list[dict[str, Any]], items: list[Any], since: float,
                    window: float = WINDOW_S) -> list[tuple[float, float]]:
-    """(window_start, node median - zone value) per complete temperature window of the
+    """(window_start, node median - neighbours' value) per complete temperature window of the
     zone from `since` on, in order; windows without a quorum or without the node's
     readings are left out (nothing to measure against)."""
     out = []
