@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from canopy_host.repair_loop import (CONVERGENCE_RATIO, DONE_C, MAX_STEPS, MAX_WAIT_WINDOWS, settled_residual,
-                                     next_trim)
+from canopy_host.repair_loop import (CONVERGENCE_RATIO, DONE_C, MAX_STEPS, MAX_WAIT_WINDOWS, NOISE_C,
+                                     next_trim, settled_residual)
 
 
 def first_order(start: float, final: float, q: float, n: int) -> list[float]:
@@ -67,13 +67,24 @@ def test_a_residual_that_does_not_shrink_is_escalated():
 
 def test_steps_are_capped():
     history = [(4.0, 4.0)] + [(4.0 * 0.5 ** i, 4.0 * 0.5 ** i) for i in range(1, MAX_STEPS)]
-    assert next_trim(0.26 * 0.5 ** MAX_STEPS + DONE_C, history)[0] == "escalate"
+    assert next_trim(1.0, history)[0] == "escalate"
+    # ... but spent within the noise is as good as it can be measured
+    assert next_trim(NOISE_C * 0.9, history)[0] == "done"
+
+
+def test_hunting_around_zero_within_the_noise_is_done():
+    assert next_trim(0.8 * NOISE_C, [(3.0, 3.0), (-0.8 * NOISE_C, -0.3)])[0] == "done"
+    # the same sign change far outside the noise is overshoot, not convergence
+    assert next_trim(0.5, [(3.0, 3.0), (-1.2, -1.5)])[0] == "trim"
 
 
 def test_first_trim_is_a_plain_fixed_point_step_and_done_is_small():
     verdict, correction, gain = next_trim(1.2, [(3.0, 3.0)])
     assert (verdict, correction, gain) == ("trim", 1.2, 1.0)
-    assert next_trim(DONE_C * 0.9, [(3.0, 3.0), (1.2, 1.2)])[0] == "done"
+    assert next_trim(DONE_C * 0.5, [(3.0, 3.0), (1.2, 1.2)])[0] == "done"
+    # A small residual is not enough when the zone sees only half of an error: 0.4 °C is left.
+    verdict, correction, gain = next_trim(0.2, [(3.0, 3.0), (0.7, 1.0)])
+    assert (verdict, gain) == ("trim", 0.5) and correction == pytest.approx(0.4)
 
 
 def test_a_course_cut_short_is_not_reported_as_repaired(tmp_path):

@@ -50,7 +50,7 @@ def stop_sim(proc: subprocess.Popen) -> None:
         proc.communicate()
 
 
-MONITOR_S = 34  # wall seconds = simulated minutes: detection, quarantine, release, trims, settled
+MONITOR_S = 40  # wall seconds = simulated minutes: detection, quarantine, release, trims, settled
 REPAIRED_C = 0.5  # °C: how close to its zone a repaired node must read
 CAL_TOLERANCE = 60  # 0.01 °C: how close to the sabotage the node's final calibration must be
 

@@ -38,8 +38,8 @@ Decision rules (docs/repair.md "The continuous loop"):
   until two in-service residuals around a big enough correction give a secant
   estimate (k = (r_prev - r) / correction, clamped to `GAIN_RANGE`). Trims happen
   without a quarantine: failsafe actuators change the site's air, which is exactly
-  what would bias the measurement. The loop stops as REPAIRED once the settled
-  residual is at most `DONE_C`, and ESCALATES to a human (audit `escalated`, no more
+  what would bias the measurement. The loop stops as REPAIRED once the error left,
+  settled residual / k, is at most `DONE_C`, and ESCALATES to a human (audit `escalated`, no more
   steps) when a residual does not shrink geometrically (> `CONVERGENCE_RATIO` x the
   previous in-service one) or after `MAX_STEPS` calibration steps. Every step is journaled and
   audited (`trim`).
@@ -84,8 +84,11 @@ SETTLE_AFTER_RELEASE = 1  # whole windows skipped after a release (the failsafe 
 STILL_C = 0.05  # °C per window: a residual moving less than this has settled
 GEOMETRIC_MAX = 0.8  # a window-to-window ratio above this is too slow to extrapolate: wait
 MAX_WAIT_WINDOWS = 8  # an unsettled (oscillating) residual is averaged after this many windows
-DONE_C = 0.25  # °C: a settled residual this small is repaired (half the ±0.5 °C a node should agree
-#                with its zone by; a healthy node's own microclimate is about 0.1 °C off its zone)
+DONE_C = 0.15  # °C: a sensor error left (settled residual / gain) this small is repaired; well under
+#                the ±0.5 °C a node should agree with its zone by, because that estimate is rough: the
+#                zone sees less of a small error than the secant gain (an average over the step) says
+NOISE_C = 0.25  # °C: a settled residual this small cannot show whether a step helped (window noise,
+#                 the node's own microclimate); within it a sign change ends the course as repaired
 SETTLE_AFTER_TRIM = 1  # whole windows skipped after a trim (the air's response starts S-shaped)
 GAIN_MIN_STEP_C = 0.5  # °C: a smaller correction is too close to the noise to estimate the gain from
 MAX_STEPS = 5  # calibration steps per node per run (the first repair included)
@@ -277,9 +280,12 @@ def next_trim(residual: float, history: list[tuple[float, float]]) -> tuple[str,
     enters the gain. The gain is the share of a sensor error the zone sees: 1 (plain
     fixed-point iteration, which cannot overshoot) until two in-service residuals
     around a correction of at least `GAIN_MIN_STEP_C` give a secant estimate, clamped
-    to `GAIN_RANGE`. Returns (verdict, correction, gain): "done" (|residual| at most
-    `DONE_C`), "trim" (apply residual / gain) or "escalate" (the residual did not shrink
-    to `CONVERGENCE_RATIO` of the previous in-service one, or `MAX_STEPS` are spent)."""
+    to `GAIN_RANGE`. Returns (verdict, correction, gain): "done" (the error left,
+    |residual / gain|, at most `DONE_C`; or the last step flipped the residual's sign
+    within `NOISE_C`; or the steps are spent with the residual within `NOISE_C`),
+    "trim" (apply residual / gain) or "escalate" (a residual above `NOISE_C` did not
+    shrink to `CONVERGENCE_RATIO` of the previous in-service one, or the steps are
+    spent above it)."""
     lo, hi = GAIN_RANGE
     gain = hi
     service = history[1:] + [(residual, 0.0)]
@@ -287,10 +293,17 @@ def next_trim(residual: float, history: list[tuple[float, float]]) -> tuple[str,
         if abs(applied) >= GAIN_MIN_STEP_C:
             gain = min(max((before - after) / applied, lo), hi)
     correction = residual / gain
-    if abs(residual) <= DONE_C:
+    # Judged on the error left, not on what the zone sees of it: the zone sees less of a
+    # small error (the node's integrators absorb more of it), so a small residual alone
+    # would stop a few tenths short.
+    if abs(correction) <= DONE_C:
         return "done", correction, gain
-    # Only in-service residuals are compared: the detection's was measured in another regime.
-    if len(history) >= MAX_STEPS or (len(history) > 1 and abs(residual) > CONVERGENCE_RATIO * abs(history[-1][0])):
+    prev = history[-1][0] if len(history) > 1 else None  # in service: the detection's is another regime
+    if prev is not None and residual * prev < 0 and max(abs(residual), abs(prev)) <= NOISE_C:
+        return "done", correction, gain  # the last step crossed zero within the noise: bracketed
+    if len(history) >= MAX_STEPS:
+        return ("done" if abs(residual) <= NOISE_C else "escalate"), correction, gain
+    if prev is not None and abs(residual) > max(CONVERGENCE_RATIO * abs(prev), NOISE_C):
         return "escalate", correction, gain
     return "trim", correction, gain
 
