@@ -19,30 +19,31 @@ Decision rules (docs/repair.md "The continuous loop"):
   pressure and humidity with its temperature).
 * MEASURABLY WRONG: the node must also be voted out of its zone's temperature verdict
   or be at least `T_ACCURACY_C` (the BME280's absolute accuracy) from its neighbours
-  (the median of its readings in the window minus the median of theirs: `zone_error`). A class alone (a noise or stuck score)
-  on a node that agrees with its zone within the allowance is not worth taking its
-  actuators away.
+  (`zone_error`: its median in the window minus the median of theirs). A class alone
+  (a noise or stuck score) on a node that agrees with its zone within the allowance
+  is not worth taking its actuators away.
 * ACTION: quarantine (actuators to failsafe, out of the vote) plus a temperature
-  recalibration by the error MEASURED in the detection window (the node's median
-  minus the zone's value; the fault tracker's own offset averages in the windows of
-  a still-growing drift), and the other quantities' recommended recalibrations.
+  recalibration by the error MEASURED in the detection window (`zone_error`; the
+  fault tracker's own offset averages in the windows of a still-growing drift), and
+  the other quantities' recommended recalibrations.
 * RELEASE: after `RELEASE_AFTER` complete windows in a row, after the repair, in which
   the zone has a temperature quorum and the node is a truechimer (hysteresis: one
   agreeing window is not enough, a disagreeing one restarts the count).
 * CONVERGE: a node's own control loop moves its site's air against its wrong reading,
   so its zone sees only part of the sensor error (the loop's "gain" k < 1). After the
-  release the loop keeps measuring the node's residual against its zone, per window,
-  until it has settled (`settled_residual`: the limit of its first-order approach,
-  extrapolated from three windows) and trims the calibration by residual / k. k is 1
-  (plain fixed-point iteration: each step leaves (1 - k) of the error, no overshoot)
-  until two in-service residuals around a big enough correction give a secant
-  estimate (k = (r_prev - r) / correction, clamped to `GAIN_RANGE`). Trims happen
-  without a quarantine: failsafe actuators change the site's air, which is exactly
-  what would bias the measurement. The loop stops as REPAIRED once the error left,
-  settled residual / k, is at most `DONE_C`, and ESCALATES to a human (audit `escalated`, no more
-  steps) when a residual does not shrink geometrically (> `CONVERGENCE_RATIO` x the
-  previous in-service one) or after `MAX_STEPS` calibration steps. Every step is journaled and
-  audited (`trim`).
+  release the loop keeps measuring the node's residual against its neighbours, per
+  window, until it has settled (`settled_residual`: the limit of its first-order
+  approach, extrapolated from three windows) and trims the calibration by residual / k.
+  k is 1 (plain fixed-point iteration: each step leaves (1 - k) of the error, no
+  overshoot) until two in-service residuals around a big enough correction give a
+  secant estimate (k = (r_prev - r) / correction, clamped to `GAIN_RANGE`). Trims
+  happen without a quarantine: failsafe actuators change the site's air, which is
+  exactly what would bias the measurement. REPAIRED once the error left, settled
+  residual / k, is at most `DONE_C`, or the last step flipped the residual's sign
+  within `NOISE_C`; ESCALATED to a human (audit `escalated`, no more steps) when a
+  residual above `NOISE_C` does not shrink geometrically (> `CONVERGENCE_RATIO` x the
+  previous in-service one), or after `MAX_STEPS` calibration steps still above it.
+  Every step is journaled and audited (`trim`, `converged`, `escalated`).
 * A node that was repaired or escalated and is wrong again later in the run is only
   reported in the audit log (`again_wrong`) for `canopy repair`.
 
