@@ -50,7 +50,8 @@ def stop_sim(proc: subprocess.Popen) -> None:
         proc.communicate()
 
 
-MONITOR_S = 40  # wall seconds = simulated minutes: detection, quarantine, release, trims, settled
+MONITOR_S = 55  # wall seconds = simulated minutes: detection, quarantine, release, trims, settled;
+# converged at ~33-37 s here, the rest is margin for a loaded CI machine (nodes fall behind --speed)
 REPAIRED_C = 0.5  # °C: how close to its zone a repaired node must read
 CAL_TOLERANCE = 60  # 0.01 °C: how close to the sabotage the node's final calibration must be
 
