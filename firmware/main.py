@@ -56,6 +56,12 @@ def _fixed(v, scale):
     return "%s%d.%02d" % (sign, whole, frac)
 
 
+def _put_fixed(w, v, scale, after):
+    """`_fixed(v, scale) + after` written through `w`, without building the line."""
+    w(_fixed(v, scale))
+    w(after)
+
+
 class TextLink:
     """Default link: one human-readable line per reading (every `every` ticks) and per event.
 
@@ -67,7 +73,9 @@ class TextLink:
     def __init__(self, node, every=10, out=None):
         self.node = node
         self.every = every if every > 0 else 1
-        self._write = out or print
+        # Lines go out in small pieces: one formatted line needs a tuple and a ~170-byte
+        # string at once, and on a 64k heap that much contiguous room is not always free.
+        self._write = out or sys.stdout.write
         self._last = -1
 
     def service(self, now_ms):
@@ -77,7 +85,7 @@ class TextLink:
             c = node.cfg
             self._write(
                 "I node boot=%d tick=%dms setpoints: T=%sC mist above %sC fan above H=%s%% "
-                "mist blocked at H=%s%%"
+                "mist blocked at H=%s%%\n"
                 % (
                     node.boot_id, c["tick_ms"], _fixed(c["t_setpoint"], 100),
                     _fixed(c["mist_t_setpoint"], 100), _fixed(c["h_setpoint"], 1024),
@@ -89,20 +97,21 @@ class TextLink:
             ev = node.pop_event()
             if ev is None:
                 break
-            self._write("E t=%ds event=%s arg=%d" % (secs, ev[0], ev[1]))
+            self._write("E t=%ds event=%s arg=%d\n" % (secs, ev[0], ev[1]))
         if node.ticks != self._last and node.ticks % self.every == 0:
             self._last = node.ticks
             r, m, o = node.raw, node.meas, node.out
-            self._write(
-                "R t=%ds T=%sC (raw %s) P=%dPa (raw %d) H=%s%% (raw %s) "
-                "shade=%s%% mist=%s%% fan=%s%% faults=%d failsafe=%d"
-                % (
-                    secs, _fixed(m[0], 100), _fixed(r[0], 100), m[1], r[1],
-                    _fixed(m[2], 1024), _fixed(r[2], 1024),
-                    _fixed(o[0], 100), _fixed(o[1], 100), _fixed(o[2], 100),
-                    node.faults, 1 if node.failsafe else 0,
-                )
-            )
+            w = self._write
+            w("R t=%ds T=" % secs)
+            _put_fixed(w, m[0], 100, "C (raw ")
+            _put_fixed(w, r[0], 100, ") P=")
+            w("%dPa (raw %d) H=" % (m[1], r[1]))
+            _put_fixed(w, m[2], 1024, "% (raw ")
+            _put_fixed(w, r[2], 1024, ") shade=")
+            _put_fixed(w, o[0], 100, "% mist=")
+            _put_fixed(w, o[1], 100, "% fan=")
+            _put_fixed(w, o[2], 100, "% faults=")
+            w("%d failsafe=%d\n" % (node.faults, 1 if node.failsafe else 0))
 
 
 def load_config(path="config.json"):
