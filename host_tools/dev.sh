@@ -13,10 +13,12 @@ setup() {
     echo "canopy: creating $venv" >&2
     "$py" -m venv "$venv"
   fi
-  # Reinstall only when the pinned dependencies change.
+  # Reinstall only when the pinned dependencies or the C accelerator change (the
+  # editable install builds canopy_host/_fastscan.c next to its source).
   local stamp="$venv/.canopy-installed"
   local want
-  want=$(sha256sum "$root/host_tools/pyproject.toml" | cut -d' ' -f1)
+  want=$(cat "$root/host_tools/pyproject.toml" "$root/host_tools/setup.py" \
+    "$root/host_tools/canopy_host/_fastscan.c" | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "canopy: installing pinned dependencies into $venv" >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root/host_tools[test]"

@@ -17,13 +17,15 @@ import json
 import sqlite3
 
 import zlib
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from canopy_host import protocol
 from canopy_host.monitor import Collector, PortSpec
 from canopy_host.protocol import READING_KEYS, Frame, FrameParser, encode_frame
-from canopy_host.store import _FRAME_SQL, READING_COLUMNS, SCHEMA, frame_row
+from canopy_host.store import _FRAME_SQL, FRAME_ROW_HEAD, READING_COLUMNS, SCHEMA, frame_row
 
 
 class RecordingStore:
@@ -120,8 +122,10 @@ def test_wire_ordered_reading_with_a_bool_or_text_still_goes_to_extra():
     fields["tick"] = "7"
     row = frame_row(0.0, "p", Frame("reading", "n", 1, 2, fields, b""))
     shuffled = frame_row(0.0, "p", Frame("reading", "n", 1, 2, dict(reversed(list(fields.items()))), b""))
-    assert row[:-1] == shuffled[:-1] and json.loads(row[-1]) == json.loads(shuffled[-1])
-    assert row[-1] is not None and '"faults":true' in row[-1] and '"tick":"7"' in row[-1]
+    extra = FRAME_ROW_HEAD.index("extra")
+    assert row[:extra] + row[extra + 1:] == shuffled[:extra] + shuffled[extra + 1:]
+    assert json.loads(row[extra]) == json.loads(shuffled[extra])
+    assert row[extra] is not None and '"faults":true' in row[extra] and '"tick":"7"' in row[extra]
 
 
 # -- the monitor's whole path: bytes -> Collector.feed -> stored rows ------------------
@@ -220,17 +224,32 @@ def _monitor_run(streams: list[bytes], schedule: list[tuple[int, int, int]], ref
     st.lists(st.tuples(st.integers(0, 2), st.integers(1, 700), st.integers(0, 12).map(lambda d: max(0, d - 9))),
              max_size=40),
     st.booleans(),
+    st.booleans(),
 )
-def test_monitor_path_equals_general_path(ops_per_port, schedule, on_frame):
-    # ports start on different nodes but may switch to the same one (a node moving ports)
+def test_monitor_path_equals_general_path(ops_per_port, schedule, on_frame, twin):
+    # ports start on different nodes but may switch to the same one (a node moving ports);
+    # `twin`: the run scanner's Python twin instead of the compiled one
     streams = [_stream(ops, f"n0{k + 1}") for k, ops in enumerate(ops_per_port)]
-    assert _monitor_run(streams, schedule, False, on_frame) == _monitor_run(streams, schedule, True, on_frame)
+    with mock.patch.object(protocol, "scan_readings", protocol.scan_readings_py if twin else protocol.scan_readings):
+        fast = _monitor_run(streams, schedule, False, on_frame)
+    assert fast == _monitor_run(streams, schedule, True, on_frame)
 
 
-def test_monitor_path_really_takes_the_shortcuts():
-    # two ports, reads of ~3 frames: after its first read each port's readings stay compact
+def test_monitor_path_really_takes_the_shortcuts(monkeypatch):
+    # Two ports, reads of ~3 frames. A port's first read: its first frame takes the
+    # general tracker, the rest stay compact (values as decimal text); from its second
+    # read on, every reading comes from the run scanner, already as a row.
     streams = [_stream([("next", 30)], "n01"), _stream([("next", 30)], "n02")]
     schedule = [(k % 2, 400, False) for k in range(40)]
+    scanned = []
+    real = protocol.scan_readings
+
+    def spy(*a):
+        rows, end = real(*a)
+        scanned.extend(rows)
+        return rows, end
+
+    monkeypatch.setattr(protocol, "scan_readings", spy)
     store = RecordingStore()
     c = Collector(store, clock=lambda: 100.0)  # type: ignore[arg-type]
     ports = [c.add_port(PortSpec(label=f"p{i}", path=f"/dev/p{i}")) for i in range(2)]
@@ -240,8 +259,11 @@ def test_monitor_path_really_takes_the_shortcuts():
         c.feed(ports[i], parsers[i], streams[i][pos[i]:pos[i] + size], 100.0)
         pos[i] += size
     rows = [x[1] for x in store.calls if x[0] == "frame"]
-    assert len(rows) == 60
-    assert sum(type(r[6]) is str for r in rows) == 58  # all but each node's first frame
+    first_read = [s[:400].count(b"\n") for s in streams]
+    assert len(rows) == 60 and first_read == [2, 2]
+    compact = [r for r in rows if type(r[-1]) is str]
+    assert len(compact) == sum(first_read) - 2  # all of the first reads but each node's first frame
+    assert len(scanned) == 60 - sum(first_read) and all(any(r is x for x in rows) for r in scanned)
     assert c.nodes["n02"].last_reading == FrameParser().feed(_wire("n02", 5, 29, "reading"))[0].fields
 
 

@@ -38,6 +38,7 @@ import operator
 import threading
 import time
 from collections import deque
+from itertools import repeat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from typing import Any
 from .errors import CanopyError
 from .paths import BOARDS_DIR
 from .protocol import READING_KEYS, compact_frame
-from .store import Store, frame_row
+from .store import FRAME_ROW_HEAD, Store, frame_row
 
 # docs/protocol.md: the per-boot seq starts at 0 and wraps from 0x3FFFFFFF back to 0
 # (it stays a small int on the ESP32). FIRST_SEQ lets us report frames lost right
@@ -56,6 +57,9 @@ SEQ_MODULUS = 0x40000000
 RATE_WINDOW_S = 10.0
 MAX_TEXT_LINE = 500
 MAX_GAP_RANGES = 1000  # kept in memory per node for the summary
+# where a run row (FrameParser.feed_run) keeps its seq and its values
+_ROW_SEQ = len(FRAME_ROW_HEAD) + 2
+_ROW_VALUES = len(FRAME_ROW_HEAD) + 3
 
 
 # -- where ports come from ------------------------------------------------------------
@@ -442,37 +446,77 @@ class Collector:
     def feed(self, ps: PortState, parser: Any, data: bytes, rx: float | None = None) -> None:
         """Parse one serial read with `parser` and account for it (PortReader, per read).
 
-        Uses the parser's compact readings when it has them (FrameParser.feed_compact)."""
-        compact = getattr(parser, "feed_compact", None)
-        self.ingest(ps, parser, compact(data) if compact is not None else parser.feed(data), rx)
+        Uses the parser's compact readings when it has them (FrameParser.feed_compact)
+        and, where nothing needs a Frame (no auth, no on_frame), its run of readings that
+        continue the node this port is tracking (FrameParser.feed_run): those become
+        store rows in one compiled call, the bulk of a busy monitor's traffic."""
+        run = getattr(parser, "feed_run", None)
+        if run is None or not self.FAST_PATH or self.auth is not None or self.on_frame is not None:
+            compact = getattr(parser, "feed_compact", None)
+            self.ingest(ps, parser, compact(data) if compact is not None else parser.feed(data), rx)
+            return
+        if rx is None:
+            rx = self.clock()
+        with self.lock:
+            st = ps.fast
+            if st is None:
+                frames = parser.feed_compact(data)
+            else:
+                port = ps.path or ps.spec.label
+                rows, frames = run(data, st.node, st.boot, st.last_seq + 1, (rx, port, "reading", None))
+                if rows:
+                    self._run(st, rows, rx)
+            if frames is not None:
+                self._ingest_locked(ps, parser, frames, rx)
+
+    def _run(self, st: NodeState, rows: list[tuple[Any, ...]], rx: float) -> None:
+        # rows are store rows: FRAME_ROW_HEAD + (node, boot, seq, *values), in sequence
+        n = len(rows)
+        last = rows[-1]
+        st.last_seq = last[_ROW_SEQ]
+        st.frames += n
+        st.readings += n
+        st.last_rx = rx
+        recent = st.recent
+        recent.extend(repeat(rx, n))
+        cutoff = rx - RATE_WINDOW_S
+        while recent[0] < cutoff:
+            recent.popleft()
+        self.total_frames += n
+        st.last_reading = dict(zip(READING_KEYS, last[_ROW_VALUES:]))
+        if self.store is not None:
+            self.store.add_frame_rows(rows)
 
     def ingest(self, ps: PortState, parser: Any, frames: list[Any], rx: float | None = None) -> None:
         """Account for one parser.feed() result: counters, free text, then frames."""
         if rx is None:
             rx = self.clock()
         with self.lock:
-            try:  # one C call per read in the common case: no counter moved
-                moved = _counters(parser) != tuple(ps.seen.values())
-            except AttributeError:  # a parser without some counters: check one by one
-                moved = True
-            st = self._port_node(ps) if moved else None
-            for attr, kind in PARSER_COUNTERS if moved else ():
-                now = int(getattr(parser, attr, 0))
-                delta = now - ps.seen[attr]
-                if delta > 0:
-                    ps.seen[attr] = now
-                    ps.counters[attr] += delta
-                    self._event(rx, ps, kind, count=delta)
-                    if st is not None:
-                        setattr(st, attr, getattr(st, attr) + delta)
-            lines = getattr(parser, "text_lines", None)
-            if lines:
-                for line in lines:
-                    text = line.decode("utf-8", "replace") if isinstance(line, (bytes, bytearray)) else str(line)
-                    self._event(rx, ps, "text", detail=text[:MAX_TEXT_LINE])
-                del lines[:]
-            if frames:
-                self._frames(ps, frames, rx)
+            self._ingest_locked(ps, parser, frames, rx)
+
+    def _ingest_locked(self, ps: PortState, parser: Any, frames: list[Any], rx: float) -> None:
+        try:  # one C call per read in the common case: no counter moved
+            moved = _counters(parser) != tuple(ps.seen.values())
+        except AttributeError:  # a parser without some counters: check one by one
+            moved = True
+        st = self._port_node(ps) if moved else None
+        for attr, kind in PARSER_COUNTERS if moved else ():
+            now = int(getattr(parser, attr, 0))
+            delta = now - ps.seen[attr]
+            if delta > 0:
+                ps.seen[attr] = now
+                ps.counters[attr] += delta
+                self._event(rx, ps, kind, count=delta)
+                if st is not None:
+                    setattr(st, attr, getattr(st, attr) + delta)
+        lines = getattr(parser, "text_lines", None)
+        if lines:
+            for line in lines:
+                text = line.decode("utf-8", "replace") if isinstance(line, (bytes, bytearray)) else str(line)
+                self._event(rx, ps, "text", detail=text[:MAX_TEXT_LINE])
+            del lines[:]
+        if frames:
+            self._frames(ps, frames, rx)
 
     def _frames(self, ps: PortState, frames: list[Any], rx: float) -> None:
         store = self.store
@@ -513,7 +557,7 @@ class Collector:
                     pending = values
                     if store is not None:
                         # decimal text: the INTEGER columns store it as the same integers
-                        rows.append((rx, port, node, boot, seq, "reading", *values, None))
+                        rows.append((rx, port, "reading", None, node, boot, seq, *values))
                     continue
                 f = compact_frame(f)
             if verify is not None:

@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.commit_interval <= 3600:
         raise CanopyError("--commit-interval must be between 0 and 3600 seconds")
     try:
-        from . import protocol  # noqa: F401  (fail early, not inside every reader)
+        from . import protocol  # fail early, not inside every reader
     except ImportError as exc:
         raise CanopyError(f"the protocol module is not available: {exc}") from None
     specs = _collect_specs(args)
@@ -261,6 +261,9 @@ def run(args: argparse.Namespace) -> int:
     collector = Collector(store, on_frame=_json_writer(sys.stdout, broken) if args.json else None, auth=auth)
     if auth is None:
         collector.messages.append("tags not checked (no --master-key): frames are trusted as received")
+    if protocol.FAST_SCAN != "compiled":
+        collector.messages.append("compiled frame scanner not built (no C compiler when installed): ingest is "
+                                  "about half as fast, results the same; see docs/troubleshooting.md")
     readers = [PortReader(collector.add_port(s), collector, baud=args.baud) for s in specs]
     loop = _repair_loop(args, collector, readers, store) if getattr(args, "repair", None) else None
 

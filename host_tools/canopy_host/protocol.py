@@ -179,6 +179,46 @@ def compact_frame(c: tuple) -> Frame:
     return Frame("reading", node, boot, seq, dict(zip(READING_KEYS, map(int, values))), raw, tag)
 
 
+# The monitor's bulk path (Collector.feed): the run of readings that continues the node
+# a port is already tracking, straight to store rows. A line belongs to the run if the
+# fast path above would give it as a compact reading (15 values, no tag, good CRC, under
+# MAX_FRAME) AND it is the expected node, boot and next seq; the first line that is not
+# (or is incomplete) ends the run and the general parser takes it from there.
+_RUN_RE = re.compile(
+    rb"@CNP1 ([A-Za-z0-9_-]{1,16}) ([0-9]{1,10}) ([0-9]{1,10}) R (-?[0-9]{1,11}(?:,-?[0-9]{1,11}){%d})"
+    rb" \*([0-9a-fA-F]{8})\r?\n" % (_N_READING - 1)
+)
+
+
+def scan_readings_py(buf: bytes | bytearray, pos: int, node: str, boot: int, seq: int,
+                     head: tuple) -> tuple[list[tuple], int]:
+    """(rows, end): each line of the run at buf[pos:] as head + (node, boot, seq, *values).
+
+    The reference for the compiled `_fastscan.scan_readings` (tests/test_fastscan.py)
+    and what runs when it could not be built."""
+    rows: list[tuple] = []
+    want = node.encode("ascii")
+    crc32 = zlib.crc32
+    while (m := _RUN_RE.match(buf, pos)) is not None:
+        node_b, boot_b, seq_b, values, crc = m.groups()
+        body_end = m.start(5) - 2
+        if (node_b != want or int(boot_b) != boot or int(seq_b) != seq or m.end(5) - pos >= MAX_FRAME
+                or crc32(buf[pos:body_end]) != int(crc, 16)):
+            break
+        rows.append(head + (node, boot, seq, *map(int, values.split(b","))))
+        seq += 1
+        pos = m.end()
+    return rows, pos
+
+
+try:
+    from ._fastscan import scan_readings as _scan_readings_c
+except ImportError:  # built without a C compiler: same results, slower (docs/performance.md)
+    _scan_readings_c = None
+scan_readings = _scan_readings_c or scan_readings_py
+FAST_SCAN = "compiled" if _scan_readings_c is not None else "python"
+
+
 class FrameParser:
     """Incremental parser for a node's serial stream. `feed` never raises.
 
@@ -207,6 +247,25 @@ class FrameParser:
     def feed_compact(self, data: bytes) -> list[Frame | tuple]:
         """As feed(), but common readings come as compact tuples (see compact_frame)."""
         return self._guarded(data, out=[], compact=True)
+
+    def feed_run(self, data: bytes, node: str, boot: int, seq: int,
+                 head: tuple) -> tuple[list[tuple], list[Frame | tuple] | None]:
+        """As feed_compact(), except that the readings at the front of the buffer that
+        continue `node`/`boot` from `seq` on come first, as rows (see scan_readings):
+        (rows, the rest as feed_compact gives it). The rest is None when what is left
+        is at most the start of the next frame: no frame, text or counter moved."""
+        buf = self._buf
+        buf += data
+        rows: list[tuple] = []
+        if not self._skip and buf.startswith(MARKER):
+            rows, end = scan_readings(buf, 0, node, boot, seq, head)
+            if end:
+                del buf[:end]
+                self.frames += len(rows)
+        if not buf or (buf.startswith(MARKER) and len(buf) <= MAX_FRAME + 1
+                       and buf.find(b"\n") < 0 and buf.find(b"@", 1) < 0):
+            return rows, None  # nothing, or the start of the next frame: _feed would wait too
+        return rows, self._guarded(b"", out=[], compact=True)
 
     def _guarded(self, data: bytes, out: list, compact: bool) -> list:
         try:

@@ -138,8 +138,12 @@ EVENT_KINDS = (
     #              boot/seq_from as the frame claims; it is NOT in `frames` (docs/monitor.md)
 )
 
+# Row order: what one read shares (rx_time, port, kind, extra) first, then what each
+# frame has: the compiled scanner (protocol.scan_readings) builds a reading's row as a
+# shared head tuple + (node, boot, seq, *values) without touching Python per frame.
+FRAME_ROW_HEAD = ("rx_time", "port", "kind", "extra")
 _FRAME_SQL = (
-    f"INSERT INTO frames (rx_time, port, node, boot, seq, kind, {', '.join(_ROW_KEYS)}, extra) "
+    f"INSERT INTO frames ({', '.join(FRAME_ROW_HEAD)}, node, boot, seq, {', '.join(_ROW_KEYS)}) "
     f"VALUES ({', '.join('?' * (7 + len(READING_COLUMNS)))})"
 )
 _EVENT_SQL = (
@@ -184,7 +188,7 @@ def frame_row(rx_time: float, port: str, frame: FrameLike) -> tuple[Any, ...]:
         if len(fields) == len(_ROW_KEYS) and tuple(fields) == _ROW_KEYS:
             values = tuple(fields.values())
             if set(map(type, values)) == _INT_ONLY:
-                return (rx_time, port, frame.node, frame.boot, frame.seq, kind, *values, None)
+                return (rx_time, port, kind, None, frame.node, frame.boot, frame.seq, *values)
         values = tuple(map(fields.get, _ROW_KEYS))
         if set(map(type, values)) <= _INT_OR_NONE and _COLSET.issuperset(fields):
             extra = None
@@ -196,7 +200,7 @@ def frame_row(rx_time: float, port: str, frame: FrameLike) -> tuple[Any, ...]:
     else:
         values = _NO_COLUMNS
         extra = _json(fields) if fields else None
-    return (rx_time, port, frame.node, frame.boot, frame.seq, kind, *values, extra)
+    return (rx_time, port, kind, extra, frame.node, frame.boot, frame.seq, *values)
 
 
 def open_db(path: str | Path, *, create: bool = True) -> sqlite3.Connection:

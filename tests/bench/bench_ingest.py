@@ -9,14 +9,17 @@ byte-identical to what the firmware sends), each arriving on its own port in
 serial-read-sized chunks, interleaved round-robin. Measured in ONE process pinned to
 ONE core (the store's writer thread shares it):
 
-  pipeline : FrameParser.feed -> Collector.ingest (gap/dup/reboot tracking) -> Store
-             (queue, writer thread, batched executemany), until everything is committed
+  pipeline : Collector.feed (what PortReader calls per serial read: the run scanner for
+             the readings that continue a port's node, FrameParser.feed_compact for the
+             rest, gap/dup/reboot tracking) -> Store (hand-over, writer thread, batched
+             executemany), until everything is committed
   raw      : executemany of the IDENTICAL rows (built beforehand, untimed) into a fresh
              database with the same schema and pragmas, same batch size
 
 and prints frames/s of each (per CPU second of this process) and pipeline/raw (target
->= 0.50). Also shows the cost
-split (parse only, parse + track without store) so a regression can be located.
+>= 0.50). Also measured: the pipeline without a store (parse + track), and the pipeline
+with the run scanner's Python twin (protocol.scan_readings_py), which is what runs
+where the C extension could not be built.
 
 --keyed: every frame carries an HMAC tag (docs/security.md) and the collector verifies
 it (HostAuth), as `canopy monitor --master-key` does; the stored rows are the same.
@@ -37,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "host_tools"))
 
+from canopy_host import protocol  # noqa: E402
 from canopy_host.monitor import Collector, PortSpec  # noqa: E402
 from canopy_host.protocol import READING_KEYS, FrameParser, encode_frame  # noqa: E402
 from canopy_host.security import HostAuth, derive_node_key  # noqa: E402
@@ -112,15 +116,6 @@ def run_pipeline(chunks: list[tuple[int, bytes]], nports: int, db: Path | None, 
     return elapsed, collector.total_frames
 
 
-def run_parse_only(chunks: list[tuple[int, bytes]], nports: int) -> tuple[float, int]:
-    parsers = [FrameParser() for _ in range(nports)]
-    n = 0
-    t0 = _now()
-    for i, data in chunks:
-        n += len(parsers[i].feed_compact(data))  # what Collector.feed uses
-    return _now() - t0, n
-
-
 def run_raw(rows: list[tuple], db: Path, batch: int) -> float:
     con = open_db(db)
     t0 = _now()
@@ -179,52 +174,45 @@ def main() -> None:
     assert len(rows) == total
     batch = 5000
     best: dict[str, float] = {}
+    compiled = protocol.scan_readings
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeat):
-            for name in ("raw", "rowwise", "pipeline", "parse", "track"):
+            for name in ("raw", "rowwise", "pipeline", "track", "twin"):
                 db = Path(tmp) / f"{name}{r}.db"
+                protocol.scan_readings = protocol.scan_readings_py if name == "twin" else compiled
                 if name == "raw":
                     el = run_raw(rows, db, batch)
                 elif name == "rowwise":
                     el = run_raw_rowwise(rows, db, batch)
-                elif name == "pipeline":
+                elif name in ("pipeline", "twin"):
                     el, n = run_pipeline(chunks, args.nodes, db, batch, master, Path(tmp) / f"c{r}.json")
                     assert n == total, n
                     stored = sqlite3.connect(db).execute("SELECT COUNT(*) FROM frames").fetchone()[0]
                     assert stored == total, stored
-                elif name == "parse":
-                    el, n = run_parse_only(chunks, args.nodes)
-                    assert n == total
                 else:
                     el, n = run_pipeline(chunks, args.nodes, None, batch, master, Path(tmp) / f"c{r}.json")
                     assert n == total
                 best[name] = min(best.get(name, float("inf")), el)
+    protocol.scan_readings = compiled
     rate = {k: total / v for k, v in best.items()}
+    us = {k: v / total * 1e6 for k, v in best.items()}
     print(f"ingest: {args.nodes} nodes x {args.frames_per_node} reading frames = {total} frames "
           f"({mean_len:.0f} B each), {args.chunk}-byte reads, one core, best of {args.repeat}, "
           f"switch interval {sys.getswitchinterval() * 1000:g} ms{', tagged + verified' if args.keyed else ''}")
-    print(f"  raw SQLite inserts (identical rows) : {rate['raw']:>10,.0f} frames/s")
-    print(f"  raw, one execute() per row          : {rate['rowwise']:>10,.0f} frames/s  (informative)")
-    print(f"  pipeline parse+track+store          : {rate['pipeline']:>10,.0f} frames/s")
-    print(f"    parse only                        : {rate['parse']:>10,.0f} frames/s")
-    print(f"    parse + track (no store)          : {rate['track']:>10,.0f} frames/s")
+    print(f"  run scanner: {protocol.FAST_SCAN}"
+          + ("" if protocol.FAST_SCAN == "compiled" else " (the C extension is not built: both pipelines are Python)"))
+    print(f"  raw SQLite inserts (identical rows)   : {rate['raw']:>10,.0f} frames/s  {us['raw']:5.1f} us/frame")
+    print(f"  raw, one execute() per row            : {rate['rowwise']:>10,.0f} frames/s  {us['rowwise']:5.1f} us/frame"
+          "  (informative)")
+    print(f"  pipeline parse+track+store            : {rate['pipeline']:>10,.0f} frames/s  {us['pipeline']:5.1f} us/frame")
+    print(f"    parse + track (no store)            : {rate['track']:>10,.0f} frames/s  {us['track']:5.1f} us/frame")
+    print(f"    store side (pipeline - no store)    : {us['pipeline'] - us['track']:>30.1f} us/frame")
+    print(f"  pipeline, Python twin of the scanner  : {rate['twin']:>10,.0f} frames/s  {us['twin']:5.1f} us/frame")
     ratio = rate["pipeline"] / rate["raw"]
     print(f"  pipeline / raw = {ratio:.2f}  (target >= 0.50: {'met' if ratio >= 0.5 else 'NOT met'}); "
           f"pipeline / rowwise = {rate['pipeline'] / rate['rowwise']:.2f}")
-    print(f"  the parser alone caps pipeline / raw at {best['raw'] / best['parse']:.2f}")
-    # Split the per-frame cost: the protocol parser (not the monitor's code) vs the
-    # monitor's own tracking + storing, which is what this module can tune.
-    own = best["pipeline"] - best["parse"]
-    print(f"  per frame: parse {best['parse'] / total * 1e6:.1f} us, track+store {own / total * 1e6:.1f} us, "
-          f"raw insert {best['raw'] / total * 1e6:.1f} us")
-    print(f"  raw / (track+store) = {best['raw'] / own:.2f}  (the monitor's own overhead vs raw, parser excluded)")
-    # What storing costs inside the pipeline (row building, queue, writer thread, the
-    # inserts interleaved with parsing) next to the same inserts run back to back.
-    side = best["pipeline"] - best["track"]
-    print(f"  store side in the pipeline {side / total * 1e6:.1f} us/frame vs raw insert "
-          f"{best['raw'] / total * 1e6:.1f} us/frame; tracking {(best['track'] - best['parse']) / total * 1e6:.1f} us/frame")
-    per_node_hz = rate["pipeline"] / args.nodes
-    print(f"  headroom: {per_node_hz:,.0f} frames/s per node with {args.nodes} nodes")
+    print(f"  Python twin / raw = {rate['twin'] / rate['raw']:.2f}  (without the C extension)")
+    print(f"  headroom: {rate['pipeline'] / args.nodes:,.0f} frames/s per node with {args.nodes} nodes")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+/* canopy_host._fastscan: the monitor's hot loop in C (docs/performance.md, Ingest).
+ *
+ * scan_readings(buf, pos, node, boot, seq, head) -> (rows, end)
+ *
+ * From buf[pos:], consume consecutive complete frame lines that are well-formed v1
+ * readings with exactly the 15 v1 values and no tag, of node `node` (str), boot `boot`,
+ * with seq numbers seq, seq+1, ...; stop at the first line that is anything else (or
+ * is incomplete) and leave it to the Python parser. Each consumed line becomes the
+ * tuple head + (node, boot, seq, v0, ..., v14) with int values. `end` is the offset
+ * just past the last consumed line (== pos when nothing was consumed).
+ *
+ * "Well-formed" is exactly what canopy_host.protocol's fast path accepts
+ * (_FAST_READING_RE, the 250-byte limit, the CRC32 of the body);
+ * canopy_host.protocol.scan_readings_py is the same function in Python, and
+ * tests/test_fastscan.py compares the two on random and mutated streams.
+ * Python's own zlib module links the same crc32().
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+#include <zlib.h>
+
+#define MAX_FRAME 250 /* bytes per frame line including the LF */
+#define N_VALUES 15
+#define MAX_ID_DIGITS 10
+#define MAX_VALUE_DIGITS 11
+
+static int
+hex_digit(unsigned char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* Unsigned decimal of 1..max_digits digits at b[*q], followed by `stop`. */
+static int
+read_decimal(const unsigned char *b, Py_ssize_t n, Py_ssize_t *q, int max_digits,
+             unsigned char stop, long long *out)
+{
+    Py_ssize_t i = *q;
+    long long v = 0;
+    int digits = 0;
+    while (i < n && b[i] >= '0' && b[i] <= '9') {
+        if (++digits > max_digits) return 0;
+        v = v * 10 + (b[i] - '0');
+        i++;
+    }
+    if (digits == 0 || i >= n || b[i] != stop) return 0;
+    *q = i + 1;
+    *out = v;
+    return 1;
+}
+
+/* One line at b[p]; on success fills vals and returns the offset past its '\n'. */
+static Py_ssize_t
+match_reading(const unsigned char *b, Py_ssize_t n, Py_ssize_t p, const char *node,
+              Py_ssize_t node_len, long long boot, long long seq, long long *vals)
+{
+    Py_ssize_t q = p;
+    long long v;
+    if (n - q < 6 || memcmp(b + q, "@CNP1 ", 6) != 0) return -1;
+    q += 6;
+    if (n - q < node_len + 1 || memcmp(b + q, node, node_len) != 0 || b[q + node_len] != ' ') return -1;
+    q += node_len + 1;
+    if (!read_decimal(b, n, &q, MAX_ID_DIGITS, ' ', &v) || v != boot) return -1;
+    if (!read_decimal(b, n, &q, MAX_ID_DIGITS, ' ', &v) || v != seq) return -1;
+    if (n - q < 2 || b[q] != 'R' || b[q + 1] != ' ') return -1;
+    q += 2;
+    for (int k = 0; k < N_VALUES; k++) {
+        int neg = 0;
+        if (q < n && b[q] == '-') {
+            neg = 1;
+            q++;
+        }
+        /* exactly 15 values: ',' between them, ' ' (then '*') after the last; a 16th
+         * value or a ' !tag' is not ours */
+        if (!read_decimal(b, n, &q, MAX_VALUE_DIGITS, k < N_VALUES - 1 ? ',' : ' ', &v)) return -1;
+        vals[k] = neg ? -v : v;
+    }
+    Py_ssize_t body_end = q - 1; /* the ' ' before '*' */
+    if (n - q < 9 || b[q] != '*') return -1;
+    unsigned long crc = 0;
+    for (int k = 1; k <= 8; k++) {
+        int h = hex_digit(b[q + k]);
+        if (h < 0) return -1;
+        crc = (crc << 4) | (unsigned long)h;
+    }
+    q += 9;
+    if (q - p >= MAX_FRAME) return -1; /* the line without its line ending */
+    if (q < n && b[q] == '\r') q++;
+    if (q >= n || b[q] != '\n') return -1;
+    if (crc32(0L, b + p, (uInt)(body_end - p)) != crc) return -1;
+    return q + 1;
+}
+
+static PyObject *
+scan_readings(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "scan_readings(buf, pos, node, boot, seq, head)");
+        return NULL;
+    }
+    PyObject *node = args[2], *head = args[5];
+    if (!PyUnicode_Check(node) || !PyTuple_Check(head)) {
+        PyErr_SetString(PyExc_TypeError, "scan_readings: node must be str and head a tuple");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    long long boot = PyLong_AsLongLong(args[3]);
+    long long seq = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t node_len;
+    const char *node_s = PyUnicode_AsUTF8AndSize(node, &node_len);
+    if (node_s == NULL) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *b = (const unsigned char *)view.buf;
+    Py_ssize_t n = view.len;
+    Py_ssize_t nhead = PyTuple_GET_SIZE(head);
+    PyObject *rows = PyList_New(0);
+    PyObject *boot_obj = PyLong_FromLongLong(boot);
+    if (rows == NULL || boot_obj == NULL || pos < 0 || pos > n) {
+        if (rows != NULL && boot_obj != NULL) PyErr_SetString(PyExc_ValueError, "scan_readings: pos out of range");
+        goto fail;
+    }
+    long long vals[N_VALUES];
+    for (;;) {
+        Py_ssize_t next = match_reading(b, n, pos, node_s, node_len, boot, seq, vals);
+        if (next < 0) break;
+        PyObject *row = PyTuple_New(nhead + 3 + N_VALUES);
+        if (row == NULL) goto fail;
+        for (Py_ssize_t k = 0; k < nhead; k++) {
+            PyObject *h = PyTuple_GET_ITEM(head, k);
+            Py_INCREF(h);
+            PyTuple_SET_ITEM(row, k, h);
+        }
+        Py_INCREF(node);
+        PyTuple_SET_ITEM(row, nhead, node);
+        Py_INCREF(boot_obj);
+        PyTuple_SET_ITEM(row, nhead + 1, boot_obj);
+        for (int k = -1; k < N_VALUES; k++) {
+            PyObject *x = PyLong_FromLongLong(k < 0 ? seq : vals[k]);
+            if (x == NULL) {
+                Py_DECREF(row);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(row, nhead + 3 + k, x);
+        }
+        int err = PyList_Append(rows, row);
+        Py_DECREF(row);
+        if (err < 0) goto fail;
+        pos = next;
+        seq++;
+    }
+    PyBuffer_Release(&view);
+    Py_DECREF(boot_obj);
+    PyObject *result = Py_BuildValue("(Nn)", rows, pos);
+    return result;
+fail:
+    PyBuffer_Release(&view);
+    Py_XDECREF(rows);
+    Py_XDECREF(boot_obj);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"scan_readings", (PyCFunction)(void (*)(void))scan_readings, METH_FASTCALL,
+     "scan_readings(buf, pos, node, boot, seq, head) -> (rows, end)\n\n"
+     "Consume the run of in-sequence v1 readings of one node at buf[pos:] "
+     "(see canopy_host.protocol.scan_readings_py, its Python twin)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_fastscan",
+    "Compiled fast path of the canopy monitor's frame parser (optional; "
+    "canopy_host.protocol falls back to Python without it).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastscan(void)
+{
+    return PyModule_Create(&module_def);
+}
