@@ -53,18 +53,24 @@ def streams(draw):
     node = draw(run_nodes)
     boot = draw(st.sampled_from([0, 7, 10**10 - 1, 10**10]))
     seq = draw(st.sampled_from([0, 5, 10**10 - 3]))
+    tagged = draw(st.booleans())  # the run's good lines carry a tag (a keyed mesh)
     out = b""
     for k in range(draw(st.integers(1, 6))):
         if draw(st.integers(0, 3)) > 0:  # a good line of the run
-            out += _line(node, boot, seq + k, draw(good_values)) + draw(st.sampled_from([b"\n", b"\r\n"]))
+            line = _line(node, boot, seq + k, draw(good_values))
+            if tagged:
+                line = _reseal(line[:-10] + b" !" + draw(st.binary(min_size=16, max_size=16)).hex().encode()
+                               + b" *00000000")
+            out += line + draw(st.sampled_from([b"\n", b"\r\n"]))
             continue
         line = _line(draw(st.one_of(st.just(node), run_nodes)), boot, seq + k + draw(st.sampled_from([0, 1, -1])),
                      draw(st.one_of(good_values, odd_values)))
         line = _apply(line, draw(edits))
         if draw(st.booleans()):
             line = _reseal(line)
-        if draw(st.integers(0, 4)) == 0:  # a tag: not the scanner's
-            line = _reseal(line[:-10] + b" !" + b"ab" * 16 + b" *00000000")
+        if draw(st.integers(0, 4)) == 0:  # a tag (the untagged scanner stops there)
+            line = _reseal(line[:-10] + b" !" + draw(st.sampled_from([b"ab" * 16, b"AB" * 16, b"ab" * 15, b"g" * 32]))
+                           + b" *00000000")
         out += line + draw(st.sampled_from([b"\n", b"\r\n", b"\r\r\n", b""]))
     expect = (node, boot, seq)
     if draw(st.integers(0, 3)) == 0:
@@ -79,26 +85,37 @@ def test_compiled_scanner_equals_python_twin(stream, pos, cut):
     data, (node, boot, seq) = stream
     for buf in (data, data[:cut], bytearray(data)):
         p = min(pos, len(buf))
-        assert protocol._scan_readings_c(buf, p, node, boot, seq, HEAD) == scan_readings_py(buf, p, node, boot, seq, HEAD)
+        for tagged in (False, True):
+            want = scan_readings_py(buf, p, node, boot, seq, HEAD, tagged)
+            assert protocol._scan_readings_c(buf, p, node, boot, seq, HEAD, tagged) == want
 
 
-def _check_rows_against_general_parser(buf: bytes, node: str, boot: int, seq: int) -> int:
-    rows, end = scan_readings_py(buf, 0, node, boot, seq, HEAD)
+def _check_rows_against_general_parser(buf: bytes, node: str, boot: int, seq: int, tagged: bool = False) -> int:
+    if tagged:
+        rows, ends, bodies, tags = scan_readings_py(buf, 0, node, boot, seq, HEAD, True)
+        end = ends[-1] if ends else 0
+    else:
+        rows, end = scan_readings_py(buf, 0, node, boot, seq, HEAD)
     frames = FrameParser().feed(buf[:end])
     assert len(frames) == len(rows)  # every consumed line is exactly one good frame
     for k, (row, f) in enumerate(zip(rows, frames)):
         assert row[:4] == HEAD
-        assert (f.kind, f.node, f.boot, f.seq, f.tag) == ("reading", node, boot, seq + k, None)
+        assert (f.kind, f.node, f.boot, f.seq) == ("reading", node, boot, seq + k)
         assert row[4:] == (node, boot, seq + k, *f.fields.values()) and tuple(f.fields) == READING_KEYS
         assert all(type(v) is int for v in row[5:])
+        if tagged:  # what the verifier signs and checks (security.FrameVerifier)
+            assert bodies[k] == f.raw[:f.raw.rfind(b" !")] and tags[k] == bytes.fromhex(f.tag)
+            assert buf[:ends[k]].rstrip(b"\r\n").endswith(f.raw)
+        else:
+            assert f.tag is None
     return len(rows)
 
 
 @settings(max_examples=800, deadline=None)
-@given(streams())
-def test_python_twin_takes_only_what_the_general_parser_accepts(stream):
+@given(streams(), st.booleans())
+def test_python_twin_takes_only_what_the_general_parser_accepts(stream, tagged):
     data, (node, boot, seq) = stream
-    _check_rows_against_general_parser(data, node, boot, seq)
+    _check_rows_against_general_parser(data, node, boot, seq, tagged)
 
 
 def test_scanner_edges():

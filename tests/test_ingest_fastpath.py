@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from canopy_host import protocol
 from canopy_host.monitor import Collector, PortSpec
 from canopy_host.protocol import READING_KEYS, Frame, FrameParser, encode_frame
+from canopy_host.security import HostAuth, derive_node_key, tag_bytes
 from canopy_host.store import _FRAME_SQL, FRAME_ROW_HEAD, READING_COLUMNS, SCHEMA, frame_row
 
 
@@ -188,11 +189,11 @@ def _stored(rows) -> list:
 
 
 def _monitor_run(streams: list[bytes], schedule: list[tuple[int, int, int]], reference: bool,
-                 on_frame: bool) -> tuple:
+                 on_frame: bool, auth: HostAuth | None = None) -> tuple:
     store = RecordingStore()
     seen: list = []
     c = Collector(store, clock=lambda: 100.0,  # type: ignore[arg-type]
-                  on_frame=(lambda rx, port, f: seen.append((rx, port, f))) if on_frame else None)
+                  on_frame=(lambda rx, port, f: seen.append((rx, port, f))) if on_frame else None, auth=auth)
     c.FAST_PATH = not reference
     ports = [c.add_port(PortSpec(label=f"p{i}", path=f"/dev/p{i}")) for i in range(len(streams))]
     parsers = [FrameParser() for _ in streams]
@@ -215,7 +216,8 @@ def _monitor_run(streams: list[bytes], schedule: list[tuple[int, int, int]], ref
             c.feed(ports[i], parsers[i], data, rx)
     rows = [x[1] for x in store.calls if x[0] == "frame"]
     others = [x for x in store.calls if x[0] != "frame"]
-    return _state(c), others, _stored(rows), seen
+    verdicts = dict(auth.verifier.counts) if auth is not None else None
+    return _state(c), others, _stored(rows), seen, verdicts, c.sec_rejects
 
 
 @settings(max_examples=120, deadline=None)
@@ -233,6 +235,104 @@ def test_monitor_path_equals_general_path(ops_per_port, schedule, on_frame, twin
     with mock.patch.object(protocol, "scan_readings", protocol.scan_readings_py if twin else protocol.scan_readings):
         fast = _monitor_run(streams, schedule, False, on_frame)
     assert fast == _monitor_run(streams, schedule, True, on_frame)
+
+
+MASTER = bytes(range(32))
+
+keyed_op = st.one_of(
+    st.tuples(st.just("next"), st.integers(1, 6)),
+    st.tuples(st.just("jump"), st.integers(-3, 5)),
+    st.tuples(st.just("reboot"), st.integers(0, 3)),
+    st.tuples(st.just("node"), st.sampled_from(["n01", "n02", "n03"])),
+    st.tuples(st.sampled_from(["forged", "cross", "untagged", "replay", "text", "crc", "hello"]), st.just(0)),
+)
+
+
+def _keyed_stream(ops, node: str) -> bytes:
+    """Readings tagged under the node's key (a keyed mesh), with forgeries, another
+    node's tags, untagged frames, exact replays of an earlier line, text and CRC errors."""
+    boot, seq = 5, 0
+    out: list[bytes] = []
+    sent: list[bytes] = []
+    for op, arg in ops:
+        if op == "jump":
+            seq = max(0, seq + arg)
+        elif op == "reboot":
+            boot, seq = boot + 1, arg
+        elif op == "node":
+            node = arg
+        elif op == "text":
+            out.append(b"Traceback @ line 3\r\n")
+            continue
+        elif op == "replay":
+            if sent:
+                out.append(sent[len(sent) // 2])
+            continue
+        for _ in range(arg if op == "next" else 1):
+            line = _wire(node, boot, seq, "hello" if op == "hello" else "reading")
+            body = line.rpartition(b" *")[0]
+            if op != "untagged":
+                signer = "n09" if op == "cross" else node
+                tag = bytes(16) if op == "forged" else tag_bytes(derive_node_key(MASTER, signer), body)
+                body += b" !" + tag.hex().encode()
+            line = _body_line(body)
+            if op == "crc":
+                line = line.replace(b"*", b"*f", 1)[:-2] + b"\n"
+            out.append(line)
+            sent.append(line)
+            seq = (seq + 1) & 0x3FFFFFFF
+    return b"".join(out)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.lists(st.lists(keyed_op, max_size=25), min_size=1, max_size=3),
+    st.lists(st.tuples(st.integers(0, 2), st.integers(1, 700), st.integers(0, 12).map(lambda d: max(0, d - 9))),
+             max_size=40),
+    st.booleans(),
+)
+def test_keyed_monitor_path_equals_general_path(tmp_path_factory, ops_per_port, schedule, twin):
+    # --master-key: the run scanner's batch verification (HostAuth.verify_run) must give
+    # the same verdicts, rejects, events and rows as verifying every Frame
+    streams = [_keyed_stream(ops, f"n0{k + 1}") for k, ops in enumerate(ops_per_port)]
+    tmp = tmp_path_factory.mktemp("keyed")
+    runs = []
+    for reference in (False, True):
+        auth = HostAuth(MASTER, tmp / f"counter{reference}.json")
+        auth.key("n09")  # known to the verifier, as a captured node's key would be
+        with mock.patch.object(protocol, "scan_readings",
+                               protocol.scan_readings_py if twin else protocol.scan_readings):
+            runs.append(_monitor_run(streams, schedule, reference, False, auth))
+    assert runs[0] == runs[1]
+
+
+def test_keyed_runs_take_the_scanner_and_stop_at_a_forgery(tmp_path):
+    good = _keyed_stream([("next", 12)], "n01")
+    lines = good.splitlines(keepends=True)
+    forged = _body_line(_wire("n01", 5, 6, "reading").rpartition(b" *")[0] + b" !" + b"00" * 16)
+    stream = b"".join(lines[:6]) + forged + b"".join(lines[7:])  # seq 6 forged, the rest good
+    verified = []
+    auth = HostAuth(MASTER, tmp_path / "c.json")
+    real = auth.verify_run
+
+    def spy(*a):
+        good_n = real(*a)
+        verified.append((len(a[3]), good_n))
+        return good_n
+
+    auth.verify_run = spy  # type: ignore[method-assign]
+    store = RecordingStore()
+    c = Collector(store, clock=lambda: 100.0, auth=auth)  # type: ignore[arg-type]
+    ps = c.add_port(PortSpec(label="p0", path="/dev/p0"))
+    parser = FrameParser()
+    size = len(lines[0]) * 2 + 5
+    for k in range(0, len(stream), size):
+        c.feed(ps, parser, stream[k:k + size], 100.0)
+    rows = [x[1] for x in store.calls if x[0] == "frame"]
+    assert [r[6] for r in rows] == [s for s in range(12) if s != 6]
+    assert c.sec_rejects == 1 and auth.verifier.counts["forged"] == 1 and auth.verifier.counts["ok"] == 11
+    assert any(n > good_n for n, good_n in verified)  # the run stopped at the forgery
+    assert sum(good_n for _, good_n in verified) >= 7  # most frames went the batch way
 
 
 def test_monitor_path_really_takes_the_shortcuts(monkeypatch):

@@ -13,8 +13,12 @@ import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from canopy_host import security as hs
+from canopy_host.protocol import Frame
+from canopy_host.security import FrameVerifier, ReplayWindow, derive_node_key, tag_bytes
 from canopy_host.paths import FIRMWARE_DIR
 from canopy_host.protocol import FrameParser, encode_command
 from canopy_host.unixport import call_batch
@@ -266,3 +270,56 @@ def test_host_auth_commands_use_fresh_persisted_counters(tmp_path: Path) -> None
     assert (l1.seq, l2.seq) == (1, 2) and l1.tag and l2.tag
     body = l2.raw[: l2.raw.rindex(b" !")]
     assert bytes.fromhex(l2.tag) == hmac.new(hs.derive_node_key(MASTER, "n02"), body, hashlib.sha256).digest()[:16]
+
+
+# -- batch verification (the monitor's run scanner, FrameVerifier.verify_run) ---------
+
+@settings(max_examples=400, deadline=None)
+@given(
+    history=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 200)), max_size=30),
+    boot=st.integers(0, 3), seq=st.integers(0, 300), n=st.integers(0, 80),
+)
+def test_check_run_equals_check_one_by_one(history, boot, seq, n):
+    one, batch = ReplayWindow(), ReplayWindow()
+    for b, s in history:
+        one.check(b, s)
+        batch.check(b, s)
+    good = 0
+    while good < n and one.check(boot, seq + good) == "ok":
+        good += 1
+    assert batch.check_run(boot, seq, n) == good
+    assert (batch.boot, batch.top, batch.bits) == (one.boot, one.top, one.bits)
+
+
+def test_check_run_after_a_long_silence_keeps_the_window_small():
+    w = ReplayWindow()
+    w.check(1, 5)
+    assert w.check_run(1, 10**9, 3) == 3 and w.top == 10**9 + 2 and w.bits == 0b111
+    assert w.check(1, 10**9) == "replay" and w.check(1, 5) == "replay"
+
+
+def _frame(node: str, boot: int, seq: int, body: bytes, tag: bytes) -> Frame:
+    raw = body + b" !" + tag.hex().encode()
+    return Frame("reading", node, boot, seq, {}, raw + b" *%08x" % zlib.crc32(raw), tag.hex())
+
+
+def test_verify_run_equals_verify_frame_by_frame():
+    master = bytes(range(32))
+    key = derive_node_key(master, "n01")
+    other = derive_node_key(master, "n02")
+    lines = []
+    for s in range(10):
+        body = b"@CNP1 n01 4 %d R 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15" % s
+        tag = tag_bytes(other if s == 7 else key, body)  # seq 7 speaks with n02's key
+        lines.append((s, body, tag))
+    batch = FrameVerifier.from_master(master, ["n01", "n02"])
+    one = FrameVerifier.from_master(master, ["n01", "n02"])
+    good = batch.verify_run("n01", 4, 0, [b for _, b, _ in lines], [t for _, _, t in lines])
+    verdicts = [one.verify(_frame("n01", 4, s, b, t)) for s, b, t in lines]
+    assert good == 7 and verdicts[:7] == ["ok"] * 7 and verdicts[7] == "cross_node"
+    # the frame the batch stopped at gets its verdict from verify(), as if never batched
+    assert batch.verify(_frame("n01", 4, 7, lines[7][1], lines[7][2])) == "cross_node"
+    assert batch.verify_run("n01", 4, 8, [lines[8][1]], [lines[8][2]]) == 1
+    assert one.counts == {**batch.counts, "ok": batch.counts["ok"] + 1}  # `one` also took seq 9
+    assert batch.verify_run("n01", 4, 3, [lines[3][1]], [lines[3][2]]) == 0  # a replay stops the batch
+    assert batch.verify_run("n03", 4, 0, [lines[0][1]], [lines[0][2]]) == 0  # unknown node

@@ -1,13 +1,19 @@
 /* canopy_host._fastscan: the monitor's hot loop in C (docs/performance.md, Ingest).
  *
  * scan_readings(buf, pos, node, boot, seq, head) -> (rows, end)
+ * scan_readings(buf, pos, node, boot, seq, head, True) -> (rows, ends, bodies, tags)
  *
  * From buf[pos:], consume consecutive complete frame lines that are well-formed v1
- * readings with exactly the 15 v1 values and no tag, of node `node` (str), boot `boot`,
- * with seq numbers seq, seq+1, ...; stop at the first line that is anything else (or
- * is incomplete) and leave it to the Python parser. Each consumed line becomes the
- * tuple head + (node, boot, seq, v0, ..., v14) with int values. `end` is the offset
- * just past the last consumed line (== pos when nothing was consumed).
+ * readings with exactly the 15 v1 values, of node `node` (str), boot `boot`, with seq
+ * numbers seq, seq+1, ...; stop at the first line that is anything else (or is
+ * incomplete) and leave it to the Python parser. Each consumed line becomes the tuple
+ * head + (node, boot, seq, v0, ..., v14) with int values. `end` is the offset just
+ * past the last consumed line (== pos when nothing was consumed).
+ *
+ * Untagged, a line must have no tag; tagged (the 7th argument true), it must carry one
+ * (' !' + 32 hex digits, docs/security.md) and the caller verifies it: `bodies[i]` is
+ * the signed part of line i (up to the ' !'), `tags[i]` its 16 tag bytes, `ends[i]`
+ * the offset past line i, so the caller can stop at the first frame that fails.
  *
  * "Well-formed" is exactly what canopy_host.protocol's fast path accepts
  * (_FAST_READING_RE, the 250-byte limit, the CRC32 of the body);
@@ -53,10 +59,14 @@ read_decimal(const unsigned char *b, Py_ssize_t n, Py_ssize_t *q, int max_digits
     return 1;
 }
 
-/* One line at b[p]; on success fills vals and returns the offset past its '\n'. */
+#define TAG_BYTES 16
+
+/* One line at b[p]; on success fills vals (and, tagged, *mac_end and tag) and returns
+ * the offset past its '\n'. */
 static Py_ssize_t
 match_reading(const unsigned char *b, Py_ssize_t n, Py_ssize_t p, const char *node,
-              Py_ssize_t node_len, long long boot, long long seq, long long *vals)
+              Py_ssize_t node_len, long long boot, long long seq, long long *vals,
+              int tagged, Py_ssize_t *mac_end, unsigned char *tag)
 {
     Py_ssize_t q = p;
     long long v;
@@ -79,6 +89,18 @@ match_reading(const unsigned char *b, Py_ssize_t n, Py_ssize_t p, const char *no
         if (!read_decimal(b, n, &q, MAX_VALUE_DIGITS, k < N_VALUES - 1 ? ',' : ' ', &v)) return -1;
         vals[k] = neg ? -v : v;
     }
+    if (tagged) {
+        if (n - q < 2 * TAG_BYTES + 2 || b[q] != '!') return -1;
+        *mac_end = q - 1; /* the ' ' before '!' */
+        for (int k = 0; k < TAG_BYTES; k++) {
+            int hi = hex_digit(b[q + 1 + 2 * k]), lo = hex_digit(b[q + 2 + 2 * k]);
+            if (hi < 0 || lo < 0) return -1;
+            tag[k] = (unsigned char)(hi << 4 | lo);
+        }
+        q += 1 + 2 * TAG_BYTES;
+        if (b[q] != ' ') return -1;
+        q++;
+    }
     Py_ssize_t body_end = q - 1; /* the ' ' before '*' */
     if (n - q < 9 || b[q] != '*') return -1;
     unsigned long crc = 0;
@@ -95,11 +117,20 @@ match_reading(const unsigned char *b, Py_ssize_t n, Py_ssize_t p, const char *no
     return q + 1;
 }
 
+static int
+append_new(PyObject *list, PyObject *item)
+{
+    if (item == NULL) return -1;
+    int err = PyList_Append(list, item);
+    Py_DECREF(item);
+    return err;
+}
+
 static PyObject *
 scan_readings(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "scan_readings(buf, pos, node, boot, seq, head)");
+    if (nargs != 6 && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "scan_readings(buf, pos, node, boot, seq, head[, tagged])");
         return NULL;
     }
     PyObject *node = args[2], *head = args[5];
@@ -107,6 +138,8 @@ scan_readings(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "scan_readings: node must be str and head a tuple");
         return NULL;
     }
+    int tagged = nargs == 7 ? PyObject_IsTrue(args[6]) : 0;
+    if (tagged < 0) return NULL;
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     long long boot = PyLong_AsLongLong(args[3]);
     long long seq = PyLong_AsLongLong(args[4]);
@@ -120,14 +153,20 @@ scan_readings(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n = view.len;
     Py_ssize_t nhead = PyTuple_GET_SIZE(head);
     PyObject *rows = PyList_New(0);
+    PyObject *ends = tagged ? PyList_New(0) : NULL;
+    PyObject *bodies = tagged ? PyList_New(0) : NULL;
+    PyObject *tags = tagged ? PyList_New(0) : NULL;
     PyObject *boot_obj = PyLong_FromLongLong(boot);
-    if (rows == NULL || boot_obj == NULL || pos < 0 || pos > n) {
-        if (rows != NULL && boot_obj != NULL) PyErr_SetString(PyExc_ValueError, "scan_readings: pos out of range");
+    if (rows == NULL || boot_obj == NULL || (tagged && (ends == NULL || bodies == NULL || tags == NULL))) goto fail;
+    if (pos < 0 || pos > n) {
+        PyErr_SetString(PyExc_ValueError, "scan_readings: pos out of range");
         goto fail;
     }
     long long vals[N_VALUES];
+    unsigned char tag[TAG_BYTES];
+    Py_ssize_t mac_end = 0;
     for (;;) {
-        Py_ssize_t next = match_reading(b, n, pos, node_s, node_len, boot, seq, vals);
+        Py_ssize_t next = match_reading(b, n, pos, node_s, node_len, boot, seq, vals, tagged, &mac_end, tag);
         if (next < 0) break;
         PyObject *row = PyTuple_New(nhead + 3 + N_VALUES);
         if (row == NULL) goto fail;
@@ -148,26 +187,33 @@ scan_readings(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             PyTuple_SET_ITEM(row, nhead + 3 + k, x);
         }
-        int err = PyList_Append(rows, row);
-        Py_DECREF(row);
-        if (err < 0) goto fail;
+        if (append_new(rows, row) < 0) goto fail;
+        if (tagged) {
+            if (append_new(ends, PyLong_FromSsize_t(next)) < 0
+                || append_new(bodies, PyBytes_FromStringAndSize((const char *)b + pos, mac_end - pos)) < 0
+                || append_new(tags, PyBytes_FromStringAndSize((const char *)tag, TAG_BYTES)) < 0)
+                goto fail;
+        }
         pos = next;
         seq++;
     }
     PyBuffer_Release(&view);
     Py_DECREF(boot_obj);
-    PyObject *result = Py_BuildValue("(Nn)", rows, pos);
-    return result;
+    if (tagged) return Py_BuildValue("(NNNN)", rows, ends, bodies, tags);
+    return Py_BuildValue("(Nn)", rows, pos);
 fail:
     PyBuffer_Release(&view);
     Py_XDECREF(rows);
+    Py_XDECREF(ends);
+    Py_XDECREF(bodies);
+    Py_XDECREF(tags);
     Py_XDECREF(boot_obj);
     return NULL;
 }
 
 static PyMethodDef methods[] = {
     {"scan_readings", (PyCFunction)(void (*)(void))scan_readings, METH_FASTCALL,
-     "scan_readings(buf, pos, node, boot, seq, head) -> (rows, end)\n\n"
+     "scan_readings(buf, pos, node, boot, seq, head[, tagged]) -> (rows, end) | (rows, ends, bodies, tags)\n\n"
      "Consume the run of in-sequence v1 readings of one node at buf[pos:] "
      "(see canopy_host.protocol.scan_readings_py, its Python twin)."},
     {NULL, NULL, 0, NULL},

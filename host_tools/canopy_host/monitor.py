@@ -447,11 +447,14 @@ class Collector:
         """Parse one serial read with `parser` and account for it (PortReader, per read).
 
         Uses the parser's compact readings when it has them (FrameParser.feed_compact)
-        and, where nothing needs a Frame (no auth, no on_frame), its run of readings that
-        continue the node this port is tracking (FrameParser.feed_run): those become
-        store rows in one compiled call, the bulk of a busy monitor's traffic."""
+        and, where nothing needs a Frame (no on_frame), its run of readings that continue
+        the node this port is tracking (FrameParser.feed_run): those become store rows in
+        one compiled call, the bulk of a busy monitor's traffic. With `auth`, the run's
+        tags are checked in one batch (HostAuth.verify_run) and it ends before the first
+        frame that fails, which the general path then rejects as usual."""
         run = getattr(parser, "feed_run", None)
-        if run is None or not self.FAST_PATH or self.auth is not None or self.on_frame is not None:
+        verify_run = getattr(self.auth, "verify_run", None) if self.auth is not None else None
+        if run is None or not self.FAST_PATH or self.on_frame is not None or (self.auth is not None and verify_run is None):
             compact = getattr(parser, "feed_compact", None)
             self.ingest(ps, parser, compact(data) if compact is not None else parser.feed(data), rx)
             return
@@ -463,7 +466,7 @@ class Collector:
                 frames = parser.feed_compact(data)
             else:
                 port = ps.path or ps.spec.label
-                rows, frames = run(data, st.node, st.boot, st.last_seq + 1, (rx, port, "reading", None))
+                rows, frames = run(data, st.node, st.boot, st.last_seq + 1, (rx, port, "reading", None), verify_run)
                 if rows:
                     self._run(st, rows, rx)
             if frames is not None:

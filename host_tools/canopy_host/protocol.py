@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import CanopyError
@@ -184,31 +185,41 @@ def compact_frame(c: tuple) -> Frame:
 # fast path above would give it as a compact reading (15 values, no tag, good CRC, under
 # MAX_FRAME) AND it is the expected node, boot and next seq; the first line that is not
 # (or is incomplete) ends the run and the general parser takes it from there.
-_RUN_RE = re.compile(
-    rb"@CNP1 ([A-Za-z0-9_-]{1,16}) ([0-9]{1,10}) ([0-9]{1,10}) R (-?[0-9]{1,11}(?:,-?[0-9]{1,11}){%d})"
-    rb" \*([0-9a-fA-F]{8})\r?\n" % (_N_READING - 1)
-)
+_RUN_VALUES = rb"@CNP1 ([A-Za-z0-9_-]{1,16}) ([0-9]{1,10}) ([0-9]{1,10}) R (-?[0-9]{1,11}(?:,-?[0-9]{1,11}){%d})" % (
+    _N_READING - 1)
+_RUN_RE = re.compile(_RUN_VALUES + rb"() \*([0-9a-fA-F]{8})\r?\n")
+_TAGGED_RUN_RE = re.compile(_RUN_VALUES + rb" !([0-9a-fA-F]{32}) \*([0-9a-fA-F]{8})\r?\n")
 
 
-def scan_readings_py(buf: bytes | bytearray, pos: int, node: str, boot: int, seq: int,
-                     head: tuple) -> tuple[list[tuple], int]:
-    """(rows, end): each line of the run at buf[pos:] as head + (node, boot, seq, *values).
+def scan_readings_py(buf: bytes | bytearray, pos: int, node: str, boot: int, seq: int, head: tuple,
+                     tagged: bool = False) -> tuple:
+    """The run at buf[pos:]: (rows, end), each line as head + (node, boot, seq, *values).
 
+    Tagged (every line must carry a tag, docs/security.md): (rows, ends, bodies, tags)
+    with each line's end offset, signed part and 16 tag bytes, for the caller to verify.
     The reference for the compiled `_fastscan.scan_readings` (tests/test_fastscan.py)
     and what runs when it could not be built."""
     rows: list[tuple] = []
+    ends: list[int] = []
+    bodies: list[bytes] = []
+    tags: list[bytes] = []
     want = node.encode("ascii")
     crc32 = zlib.crc32
-    while (m := _RUN_RE.match(buf, pos)) is not None:
-        node_b, boot_b, seq_b, values, crc = m.groups()
-        body_end = m.start(5) - 2
-        if (node_b != want or int(boot_b) != boot or int(seq_b) != seq or m.end(5) - pos >= MAX_FRAME
-                or crc32(buf[pos:body_end]) != int(crc, 16)):
+    match = (_TAGGED_RUN_RE if tagged else _RUN_RE).match
+    while (m := match(buf, pos)) is not None:
+        node_b, boot_b, seq_b, values, tag, crc = m.groups()
+        crc_end = m.start(6) - 2
+        if (node_b != want or int(boot_b) != boot or int(seq_b) != seq or m.end(6) - pos >= MAX_FRAME
+                or crc32(buf[pos:crc_end]) != int(crc, 16)):
             break
         rows.append(head + (node, boot, seq, *map(int, values.split(b","))))
+        if tagged:
+            ends.append(m.end())
+            bodies.append(bytes(buf[pos:m.start(5) - 2]))
+            tags.append(bytes.fromhex(tag.decode("ascii")))
         seq += 1
         pos = m.end()
-    return rows, pos
+    return (rows, ends, bodies, tags) if tagged else (rows, pos)
 
 
 try:
@@ -248,17 +259,29 @@ class FrameParser:
         """As feed(), but common readings come as compact tuples (see compact_frame)."""
         return self._guarded(data, out=[], compact=True)
 
-    def feed_run(self, data: bytes, node: str, boot: int, seq: int,
-                 head: tuple) -> tuple[list[tuple], list[Frame | tuple] | None]:
+    def feed_run(self, data: bytes, node: str, boot: int, seq: int, head: tuple,
+                 verify: Callable[[str, int, int, list[bytes], list[bytes]], int] | None = None,
+                 ) -> tuple[list[tuple], list[Frame | tuple] | None]:
         """As feed_compact(), except that the readings at the front of the buffer that
         continue `node`/`boot` from `seq` on come first, as rows (see scan_readings):
         (rows, the rest as feed_compact gives it). The rest is None when what is left
-        is at most the start of the next frame: no frame, text or counter moved."""
+        is at most the start of the next frame: no frame, text or counter moved.
+
+        `verify` (a keyed mesh, security.HostAuth.verify_run): the run's frames must be
+        tagged; verify(node, boot, seq, bodies, tags) says how many of them, from the
+        first, are authentic and fresh, and the run ends before the first that is not
+        (the general path then gives it as a frame, for the caller to reject)."""
         buf = self._buf
         buf += data
         rows: list[tuple] = []
         if not self._skip and buf.startswith(MARKER):
-            rows, end = scan_readings(buf, 0, node, boot, seq, head)
+            if verify is None:
+                rows, end = scan_readings(buf, 0, node, boot, seq, head)
+            else:
+                rows, ends, bodies, tags = scan_readings(buf, 0, node, boot, seq, head, True)
+                good = verify(node, boot, seq, bodies, tags) if rows else 0
+                del rows[good:]
+                end = ends[good - 1] if good else 0
             if end:
                 del buf[:end]
                 self.frames += len(rows)
