@@ -273,15 +273,23 @@ def usb_info(port: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+OPEN_RETRY_S = 1.5  # a port another tool is just closing, or a board re-enumerating
+
+
 def open_transport(port: str) -> Any:
     from mpremote.transport import TransportError
     from mpremote.transport_serial import SerialTransport
 
-    try:
-        t = SerialTransport(port, baudrate=115200, timeout=READ_TIMEOUT_S)
-    except (TransportError, OSError, Exception) as exc:  # serial.SerialException included
-        raise CanopyError(f"cannot open {port}: {exc}") from exc
-    return t
+    deadline = time.monotonic() + OPEN_RETRY_S
+    while True:
+        try:
+            return SerialTransport(port, baudrate=115200, timeout=READ_TIMEOUT_S)
+        except (TransportError, OSError, Exception) as exc:  # serial.SerialException included
+            if time.monotonic() < deadline and os.path.exists(port):  # busy, not absent
+                time.sleep(0.1)
+                continue
+            raise CanopyError(f"cannot open {port}: {exc} (is another program, e.g. a monitor or a "
+                              "terminal, using it?)") from exc
 
 
 class _Guard:
@@ -720,6 +728,9 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
                     # Ctrl-D in the friendly REPL: soft reset, the new app starts. A failed
                     # copy stays stopped in the REPL rather than run a mix of two versions.
                     t.serial.write(b"\x04")
+            except Exception:
+                pass
+            try:  # always: an open handle keeps mpremote's exclusive lock on the port
                 t.close()
             except Exception:
                 pass

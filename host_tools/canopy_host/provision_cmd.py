@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
             t.exit_raw_repl()
             if ok:
                 t.serial.write(b"\x04")  # soft reset: the app restarts with its new identity and key
+        except Exception:
+            pass
+        try:  # always: an open handle keeps mpremote's exclusive lock on the port
             t.close()
         except Exception:
             pass
