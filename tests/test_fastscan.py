@@ -12,6 +12,7 @@ same values, and `feed_run` must leave the parser exactly where `feed_compact` d
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sysconfig
 import zlib
 
@@ -27,16 +28,22 @@ from test_protocol_fastpath import COUNTERS, _apply, _line, _reseal, edits
 HEAD = (1.5, "/dev/p0", "reading", None)
 
 
-def _have_compiler() -> bool:
+def _can_build_extensions(tmp_path) -> bool:
+    """A compiler that finds Python.h and zlib.h: what setup.py needs."""
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    return shutil.which(cc) is not None
+    if shutil.which(cc) is None:
+        return False
+    probe = tmp_path / "probe.c"
+    probe.write_text("#include <Python.h>\n#include <zlib.h>\nint main(void) { return 0; }\n")
+    cmd = [cc, "-fsyntax-only", f"-I{sysconfig.get_paths()['include']}", str(probe)]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
-def test_the_compiled_scanner_is_built_where_a_compiler_is():
-    # dev.sh installs host_tools with its C extension; without a compiler the build
-    # skips it (setup.py, optional=True) and the Python twin runs instead.
-    if not _have_compiler():
-        pytest.skip("no C compiler here: the Python twin is in use")
+def test_the_compiled_scanner_is_built_where_it_can_be(tmp_path):
+    # dev.sh installs host_tools with its C extension; without a compiler or the headers
+    # the build skips it (setup.py, optional=True) and the Python twin runs instead.
+    if not _can_build_extensions(tmp_path):
+        pytest.skip("cannot build C extensions here: the Python twin is in use")
     assert protocol.FAST_SCAN == "compiled"
 
 
