@@ -107,3 +107,17 @@ def test_c_and_bytecode_match_viper(tmp_path: Path) -> None:
     assert viper["bme280"][0][2][0] == 2508  # the datasheet's worked example: 25.08 degC
     mist = [rec[2][1] for rec in viper["control"]]
     assert max(mist) > 0 and 0 in mist[mist.index(max(mist)):]
+
+
+def test_ingest_benchmark_runs_and_stores_every_frame() -> None:
+    # The benchmark asserts that the pipeline stored exactly the frames the reference
+    # parser finds; a tiny run keeps that check (and the script) alive. Not a timing.
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "bench" / "bench_ingest.py"
+    for extra in ([], ["--keyed"]):
+        out = subprocess.run([sys.executable, str(script), "--nodes", "3", "--frames-per-node", "40",
+                              "--repeat", "1", *extra], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "3 nodes x 40 reading frames = 120 frames" in out.stdout and "pipeline / raw" in out.stdout

@@ -21,6 +21,11 @@ and prints frames/s of each (per CPU second of this process) and pipeline/raw (t
 with the run scanner's Python twin (protocol.scan_readings_py), which is what runs
 where the C extension could not be built.
 
+--from-sim: instead of encoding the streams here, start 50 REAL virtual nodes
+(`canopy sim`: the firmware in unix-port processes, on pseudo-terminals), record what
+each node's port delivers for a while (readings, hellos, events, boot text, as the
+firmware writes them), then replay the recordings through the same measurements.
+
 --keyed: every frame carries an HMAC tag (docs/security.md) and the collector verifies
 it (HostAuth), as `canopy monitor --master-key` does; the stored rows are the same.
 """
@@ -83,6 +88,55 @@ def make_streams(nodes: int, per_node: int, seed: int, master: bytes | None = No
     return streams
 
 
+def record_sim(nodes: int, seconds: float, tmp: Path, master_key: Path | None) -> list[bytes]:
+    """What `nodes` real virtual nodes' ports deliver in `seconds` of wall time, per node,
+    each cut at its last complete line (the pipeline must see every byte it is given)."""
+    import serial  # pyserial, as the monitor opens ports
+
+    from canopy_host.monitor import read_sim_state
+
+    state = tmp / "sim" / "state.json"
+    cmd = [sys.executable, "-m", "canopy_host.cli", "sim", "--nodes", str(nodes), "--zones", "5",
+           "--speed", "600", "--dir", str(tmp / "sim"), "--duration", str(seconds + 120), "--fresh"]
+    if master_key is not None:
+        cmd += ["--master-key", str(master_key)]
+    import subprocess
+
+    sim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+                           env=dict(os.environ, PYTHONPATH=str(REPO / "host_tools")))
+    try:
+        deadline = time.monotonic() + 120
+        entries: list = []
+        while time.monotonic() < deadline:
+            if sim.poll() is not None:
+                raise SystemExit(f"canopy sim exited: {sim.stderr.read().decode()[-500:]}")  # type: ignore[union-attr]
+            try:
+                entries = read_sim_state(state)
+            except Exception:  # noqa: BLE001 - not written yet
+                entries = []
+            if len(entries) == nodes and all(e["path"] for e in entries):
+                break
+            time.sleep(0.5)
+        else:
+            raise SystemExit("virtual nodes did not come up within 120 s")
+        ports = [serial.serial_for_url(e["path"], baudrate=115200, timeout=0) for e in entries]
+        got = [bytearray() for _ in ports]
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop:
+            for k, port in enumerate(ports):
+                got[k] += port.read(65536)
+            time.sleep(0.02)
+        for port in ports:
+            port.close()
+    finally:
+        sim.terminate()
+        try:
+            sim.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            sim.kill()
+    return [bytes(g[:g.rfind(b"\n") + 1]) for g in got]
+
+
 def chunked(streams: list[bytes], chunk: int) -> list[tuple[int, bytes]]:
     """Round-robin (port index, chunk) as readers would receive them."""
     out = []
@@ -139,12 +193,20 @@ def run_raw_rowwise(rows: list[tuple], db: Path, batch: int) -> float:
     return elapsed
 
 
-def identical_rows(chunks: list[tuple[int, bytes]], nports: int) -> list[tuple]:
+def identical_rows(chunks: list[tuple[int, bytes]], nports: int, master: bytes | None = None) -> list[tuple]:
+    """The rows the pipeline stores: every frame that parses (and, keyed, verifies)."""
+    from canopy_host.security import FrameVerifier
+
+    verifier = FrameVerifier({}) if master is not None else None
     parsers = [FrameParser() for _ in range(nports)]
     rows = []
     now = time.time()
     for i, data in chunks:
         for f in parsers[i].feed(data):
+            if verifier is not None:
+                verifier.keys.setdefault(f.node, derive_node_key(master, f.node))  # type: ignore[arg-type]
+                if verifier.verify(f) != "ok":
+                    continue
             rows.append(frame_row(now, f"/dev/pts/{i}", f))
     return rows
 
@@ -159,6 +221,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval (default: Python's 0.005 s)")
     ap.add_argument("--keyed", action="store_true", help="tagged frames, verified by the collector")
+    ap.add_argument("--from-sim", type=float, metavar="SECONDS",
+                    help="record this long from --nodes real virtual nodes (canopy sim) and replay that")
     args = ap.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
@@ -166,12 +230,24 @@ def main() -> None:
         cpu = sorted(os.sched_getaffinity(0))[0]
         os.sched_setaffinity(0, {cpu})  # one core, writer thread included
     master = bytes(range(32)) if args.keyed else None
-    streams = make_streams(args.nodes, args.frames_per_node, args.seed, master)
+    if args.from_sim:
+        with tempfile.TemporaryDirectory() as rec_tmp:
+            key_file = None
+            if master is not None:
+                key_file = Path(rec_tmp) / "mesh.key"
+                key_file.write_text(master.hex() + "\n")
+            t0 = time.monotonic()
+            streams = record_sim(args.nodes, args.from_sim, Path(rec_tmp), key_file)
+            print(f"recorded {sum(map(len, streams)):,} bytes from {args.nodes} virtual nodes "
+                  f"in {time.monotonic() - t0:.0f} s")
+    else:
+        streams = make_streams(args.nodes, args.frames_per_node, args.seed, master)
     chunks = chunked(streams, args.chunk)
-    total = args.nodes * args.frames_per_node
-    mean_len = sum(map(len, streams)) / total
-    rows = identical_rows(chunks, args.nodes)
-    assert len(rows) == total
+    rows = identical_rows(chunks, args.nodes, master)
+    total = len(rows)
+    if not args.from_sim:
+        assert total == args.nodes * args.frames_per_node
+    mean_len = sum(map(len, streams)) / max(total, 1)
     batch = 5000
     best: dict[str, float] = {}
     compiled = protocol.scan_readings
@@ -196,8 +272,11 @@ def main() -> None:
     protocol.scan_readings = compiled
     rate = {k: total / v for k, v in best.items()}
     us = {k: v / total * 1e6 for k, v in best.items()}
-    print(f"ingest: {args.nodes} nodes x {args.frames_per_node} reading frames = {total} frames "
-          f"({mean_len:.0f} B each), {args.chunk}-byte reads, one core, best of {args.repeat}, "
+    what = (f"{args.nodes} virtual nodes recorded for {args.from_sim:g} s: {total} frames "
+            f"({sum(r[2] == 'reading' for r in rows)} readings; {mean_len:.0f} bytes on the line per frame)"
+            if args.from_sim else
+            f"{args.nodes} nodes x {args.frames_per_node} reading frames = {total} frames ({mean_len:.0f} B each)")
+    print(f"ingest: {what}, {args.chunk}-byte reads, one core, best of {args.repeat}, "
           f"switch interval {sys.getswitchinterval() * 1000:g} ms{', tagged + verified' if args.keyed else ''}")
     print(f"  run scanner: {protocol.FAST_SCAN}"
           + ("" if protocol.FAST_SCAN == "compiled" else " (the C extension is not built: both pipelines are Python)"))
