@@ -159,9 +159,10 @@ stream_op = st.one_of(
 )
 
 
-def _stream(ops, node: str) -> bytes:
+def _walk(ops, node: str):
+    """(op, node, boot, seq) of each line a list of stream ops sends; seq is None for
+    the lines that are not frames of the walk ('text', 'replay')."""
     boot, seq = 5, 0
-    out = []
     for op, arg in ops:
         if op == "jump":
             seq = max(0, seq + arg)
@@ -171,13 +172,21 @@ def _stream(ops, node: str) -> bytes:
             node = arg
         elif op == "wrap":
             seq = 0x3FFFFFFF
-        elif op == "text":
-            out.append(b"Traceback @ line 3\r\n")
+        elif op in ("text", "replay"):
+            yield op, node, boot, None
             continue
         for _ in range(arg if op == "next" else 1):
-            out.append(_wire(node, boot, seq, op if op in ("hello", "crc", "extra", "tag") else "reading"))
+            yield op, node, boot, seq
             seq = (seq + 1) & 0x3FFFFFFF
-    return b"".join(out)
+
+
+TEXT_LINE = b"Traceback @ line 3\r\n"
+
+
+def _stream(ops, node: str) -> bytes:
+    return b"".join(TEXT_LINE if op == "text" else
+                    _wire(node_, boot, seq, op if op in ("hello", "crc", "extra", "tag") else "reading")
+                    for op, node_, boot, seq in _walk(ops, node))
 
 
 def _stored(rows) -> list:
@@ -251,36 +260,27 @@ keyed_op = st.one_of(
 def _keyed_stream(ops, node: str) -> bytes:
     """Readings tagged under the node's key (a keyed mesh), with forgeries, another
     node's tags, untagged frames, exact replays of an earlier line, text and CRC errors."""
-    boot, seq = 5, 0
     out: list[bytes] = []
     sent: list[bytes] = []
-    for op, arg in ops:
-        if op == "jump":
-            seq = max(0, seq + arg)
-        elif op == "reboot":
-            boot, seq = boot + 1, arg
-        elif op == "node":
-            node = arg
-        elif op == "text":
-            out.append(b"Traceback @ line 3\r\n")
+    for op, node_, boot, seq in _walk(ops, node):
+        if op == "text":
+            out.append(TEXT_LINE)
             continue
-        elif op == "replay":
+        if op == "replay":
             if sent:
                 out.append(sent[len(sent) // 2])
             continue
-        for _ in range(arg if op == "next" else 1):
-            line = _wire(node, boot, seq, "hello" if op == "hello" else "reading")
-            body = line.rpartition(b" *")[0]
-            if op != "untagged":
-                signer = "n09" if op == "cross" else node
-                tag = bytes(16) if op == "forged" else tag_bytes(derive_node_key(MASTER, signer), body)
-                body += b" !" + tag.hex().encode()
-            line = _body_line(body)
-            if op == "crc":
-                line = line.replace(b"*", b"*f", 1)[:-2] + b"\n"
-            out.append(line)
-            sent.append(line)
-            seq = (seq + 1) & 0x3FFFFFFF
+        line = _wire(node_, boot, seq, "hello" if op == "hello" else "reading")
+        body = line.rpartition(b" *")[0]
+        if op != "untagged":
+            signer = "n09" if op == "cross" else node_
+            tag = bytes(16) if op == "forged" else tag_bytes(derive_node_key(MASTER, signer), body)
+            body += b" !" + tag.hex().encode()
+        line = _body_line(body)
+        if op == "crc":
+            line = line.replace(b"*", b"*f", 1)[:-2] + b"\n"
+        out.append(line)
+        sent.append(line)
     return b"".join(out)
 
 
