@@ -229,11 +229,15 @@ def _monitor_run(streams: list[bytes], schedule: list[tuple[int, int, int]], ref
     return _state(c), others, _stored(rows), seen, verdicts, c.sec_rejects
 
 
+# (port, bytes to read, link event: 0 none, 1 drop + reconnect, 2 drop, 3 lent) per read
+schedules = st.lists(st.tuples(st.integers(0, 2), st.integers(1, 700), st.integers(0, 12).map(lambda d: max(0, d - 9))),
+                     max_size=40)
+
+
 @settings(max_examples=120, deadline=None)
 @given(
     st.lists(st.lists(stream_op, max_size=25), min_size=1, max_size=3),
-    st.lists(st.tuples(st.integers(0, 2), st.integers(1, 700), st.integers(0, 12).map(lambda d: max(0, d - 9))),
-             max_size=40),
+    schedules,
     st.booleans(),
     st.booleans(),
 )
@@ -287,8 +291,7 @@ def _keyed_stream(ops, node: str) -> bytes:
 @settings(max_examples=120, deadline=None)
 @given(
     st.lists(st.lists(keyed_op, max_size=25), min_size=1, max_size=3),
-    st.lists(st.tuples(st.integers(0, 2), st.integers(1, 700), st.integers(0, 12).map(lambda d: max(0, d - 9))),
-             max_size=40),
+    schedules,
     st.booleans(),
 )
 def test_keyed_monitor_path_equals_general_path(tmp_path_factory, ops_per_port, schedule, twin):
