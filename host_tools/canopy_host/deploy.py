@@ -517,7 +517,7 @@ def gateway_from_sim_state(state: dict[str, Any], port: str | None = None) -> Ga
     nodes = [n for n in state.get("nodes", []) if isinstance(n, dict) and isinstance(n.get("mesh"), dict)]
     if not nodes:
         return None
-    ids_by_port = {n["mesh"].get("port"): n.get("node_id") for n in nodes}
+    ids_by_port = {n["mesh"].get("port"): str(n.get("node_id")) for n in nodes}
     topology = {str(n.get("node_id")): [ids_by_port.get(p, str(name)) for name, p in
                                         (n["mesh"].get("peers") or {}).items()] for n in nodes}
     for n in nodes:

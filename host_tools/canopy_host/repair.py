@@ -363,7 +363,8 @@ class Journal:
 
 def audit_entries(con: sqlite3.Connection, *, node: str | None = None, since: float | None = None,
                   until: float | None = None) -> list[dict[str, Any]]:
-    where, args = [], []  # type: ignore[var-annotated]
+    where: list[str] = []
+    args: list[Any] = []
     if node:
         where.append("node = ?")
         args.append(node)

@@ -158,7 +158,7 @@ def weather_kinds() -> list[str]:
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "KINDS" for t in node.targets):
             if isinstance(node.value, ast.Dict):
-                return [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+                return [k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
     return []
 
 
