@@ -95,6 +95,8 @@ def test_stdin_window_and_allowance_math(capsys, monkeypatch):
     ('{"node": "n1", "zone": "A", "time": "2026-11-25T20:00", "quantity": "t", "value": 1}', "no time zone"),
     ('{"node": "n1", "zone": "A", "time": 1, "quantity": "t", "value": 1, "accuracy": -1}', "'accuracy'"),
     ('{"node": "n1", "zone": "A", "time": 1, "event": "hello"}', "unknown event"),
+    ('{"node": "n1", "zone": "A", "time": 1, "quantity": "t", "value": 1, "node_time": "5"}', "'node_time'"),
+    ('{"node": "n1", "zone": "A", "time": 1, "quantity": "t", "value": 1, "quarantined": 1}', "true or false"),
 ])
 def test_bad_line_names_the_line(tmp_path, capsys, bad, message):
     lines = sample_lines()
@@ -208,3 +210,70 @@ def test_real_command_in_a_pipe(tmp_path):
     assert len(r.stdout.splitlines()) == 3
     r = subprocess.run([str(exe), "consensus"], input="{bad\n", capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "stdin line 1" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- quarantine per window (--db) ------------------------------------------------------------
+
+
+def _quarantine_store(db, plan):
+    """Four nodes of zone A, one reading per node every 20 s for six 60 s windows. n4 reads
+    30 °C throughout (far from the others' 22 °C); plan(k) -> its failsafe field for its
+    k-th reading (bit 2: the repair agent holds it in quarantine, docs/protocol.md)."""
+    with Store(db) as store:
+        for node in ("n1", "n2", "n3", "n4"):
+            store.upsert_node(node, seen=T0, zone="A")
+        for k in range(18):
+            for i, node in enumerate(("n1", "n2", "n3", "n4")):
+                held = plan(k) if node == "n4" else 0
+                t = 3000 if node == "n4" else 2200 + 5 * i
+                store.add_frame(T0 + 20 * k + 1 + i, "sim:" + node, F("reading", node, 1, k, {
+                    "t": t, "p": 100500, "h": 51200, "failsafe": held, "tick": 20 * k}))
+
+
+def _t_windows(out):
+    return {(v["window_start"] - T0) // 60: v for v in out if v["quantity"] == "t"}
+
+
+def test_db_quarantine_holds_per_window_not_by_the_latest_state(tmp_path, capsys):
+    db = tmp_path / "m.db"
+    # n4: quarantined from its reading at 2:01 (window 2) to its release at 4:01 (window 4).
+    _quarantine_store(db, lambda k: 2 if 6 <= k < 12 else 0)
+    code, out, err = run_cli(capsys, ["--db", str(db), "--window", "60"])
+    assert code == 0, err
+    t = _t_windows(out)
+    assert sorted(t) == [0, 1, 2, 3, 4, 5]
+    for w in (0, 1, 4, 5):  # before the quarantine and after the release: it votes (and is voted out)
+        assert t[w]["n"] == 4 and t[w]["falsetickers"] == ["n4"], w
+    for w in (2, 3):  # quarantined: out of the vote
+        assert t[w]["n"] == 3 and "n4" not in t[w]["truechimers"] + t[w]["falsetickers"], w
+    assert "quarantined per the store (out of the vote): n4 (2 of 6 windows)" in err
+
+
+def test_db_node_quarantined_at_the_end_voted_before(tmp_path, capsys):
+    db = tmp_path / "m.db"
+    # Quarantined from its reading at 3:21 (window 3) on; the window it happens in ends
+    # quarantined, so it is out of it too.
+    _quarantine_store(db, lambda k: 2 if k >= 10 else 0)
+    code, out, err = run_cli(capsys, ["--db", str(db), "--window", "60"])
+    t = _t_windows(out)
+    assert [t[w]["n"] for w in range(6)] == [4, 4, 4, 3, 3, 3]
+    assert all(t[w]["falsetickers"] == ["n4"] for w in (0, 1, 2))
+    # The same store from the window after the quarantine on: out of every window.
+    code, out, err = run_cli(capsys, ["--db", str(db), "--window", "60", "--since", "2026-11-25T20:04:00Z"])
+    assert [v["n"] for v in out if v["quantity"] == "t"] == [3, 3]
+
+
+def test_json_lines_carry_quarantine_and_node_clock(capsys, monkeypatch):
+    """The JSON input says the same as the store: `quarantined` per reading, and the
+    node's own clock, on which slews are judged (here readings received 60x fast)."""
+    rows = []
+    for w in range(14):
+        for i, node in enumerate(("n1", "n2", "n3", "n4")):
+            value = 22.0 + 0.01 * i + (1.25 * (w - 5) if node == "n2" and w >= 6 else 0.0)  # drifts 1.25 °C/min
+            rows.append(line(node, "A", T0 + w + 0.01 * i, "t", round(value, 2), node_time=60.0 * w + i,
+                             quarantined=node == "n4" and w >= 10))
+    code, out, err = run_cli(capsys, ["--window", "1"], stdin="\n".join(rows), monkeypatch=monkeypatch)
+    assert code == 0, err
+    assert [v["n"] for v in out] == [4] * 10 + [3] * 4
+    n2 = [v["faults"]["n2"]["class"] for v in out]
+    assert "spoofing" not in n2 and "drift" in n2  # 1.25 °C per node minute: a drift, not a takeover

@@ -258,6 +258,13 @@ class Reading:
     value: float
     accuracy: float | None = None  # None: the quantity's default (QUANTITIES)
     setpoint: float | None = None  # actuator quantities only: the commanded output
+    # Seconds on the NODE's own clock (its tick count times its tick period), or None.
+    # Rates are physical only in the node's time: the receive time of a virtual node
+    # running at 60x, or of a node whose frames arrive in bursts, is not.
+    node_time: float | None = None
+    # The node's own word on whether the repair agent held it in quarantine when it took
+    # this reading (failsafe bit 2), or None when the source does not say.
+    quarantined: bool | None = None
 
 
 def window_of(time: float, window: float) -> float:
@@ -277,6 +284,11 @@ class NodeWindow:
     first_time: float
     last_time: float
     setpoint: float | None = None
+    # Scatter of the readings around a straight line through them in time: the sensor's
+    # noise without the window's trend (a reading drifting 1 °C per window has a spread
+    # of 0.3 °C but no noise). None: not computed (then `spread` stands in).
+    noise: float | None = None
+    last_node_time: float | None = None  # the node's own clock at its last reading (Reading.node_time)
 
 
 def reduce_window(readings: Sequence[Reading], default_accuracy: float) -> NodeWindow:
@@ -287,8 +299,28 @@ def reduce_window(readings: Sequence[Reading], default_accuracy: float) -> NodeW
     acc = max(default_accuracy if r.accuracy is None else r.accuracy for r in readings)
     sps = [r.setpoint for r in readings if r.setpoint is not None]
     times = [r.time for r in readings]
+    node_times = [r.node_time for r in readings]
+    clock = times if None in node_times else node_times
+    last_nt = None if None in node_times else max(node_times)  # type: ignore[type-var]
     return NodeWindow(_median(vals), acc, len(vals), spread,
-                      min(times), max(times), _median(sps) if sps else None)
+                      min(times), max(times), _median(sps) if sps else None,
+                      _detrended_std(clock, vals, mean, spread), last_nt)  # type: ignore[arg-type]
+
+
+def _detrended_std(xs: Sequence[float], ys: Sequence[float], my: float, spread: float) -> float:
+    """Standard deviation of ys around their least-squares line over xs (n - 2 degrees of
+    freedom). Fewer than three readings cannot tell noise from a trend: 0."""
+    n = len(ys)
+    if n < 3:
+        return 0.0
+    mx = sum(xs) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx <= 0:
+        return spread  # all at one instant: no trend to take out
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    syy = spread * spread * n
+    ssr = max(0.0, syy - sxy * sxy / sxx)
+    return math.sqrt(ssr / (n - 2))
 
 
 def zone_verdict(

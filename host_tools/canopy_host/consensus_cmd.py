@@ -24,6 +24,12 @@ SENSORS = ("p", "t", "h")  # pressure first: the microclimate test looks at it
 UNASSIGNED = "unassigned"
 # Store columns are protocol integers: t in 0.01 °C, p in Pa, h in 1/1024 %RH.
 STORE_SCALE = {"t": 100.0, "p": 100.0, "h": 1024.0}
+# Seconds per node tick: the firmware's default tick_ms (1000). The store keeps the tick
+# count, not the node's tick period; a node configured faster or slower has its slews
+# scaled by the same factor.
+NODE_TICK_S = 1.0
+HELD_FAILSAFE, HELD_QUARANTINE = 1, 2  # the reading's failsafe bits (docs/protocol.md)
+SENSOR_MISSING = 1  # the reading's faults bit: no sensor, no measurement
 
 EPILOG = """\
 input (one JSON object per line; units: t °C, p hPa, h %RH, shade/mist/fan %):
@@ -125,7 +131,11 @@ def parse_line(text: str) -> Reading | tuple[str, str, float, str]:
     if acc is not None and acc < 0:
         raise ValueError("'accuracy' must be >= 0")
     sp = _num(obj, "setpoint", required=False)
-    return Reading(obj["node"], obj["zone"], t, q, value, acc, sp)  # type: ignore[arg-type]
+    node_time = _num(obj, "node_time", required=False)
+    held = obj.get("quarantined")
+    if held is not None and not isinstance(held, bool):
+        raise ValueError(f"'quarantined' must be true or false, not {held!r}")
+    return Reading(obj["node"], obj["zone"], t, q, value, acc, sp, node_time, held)  # type: ignore[arg-type]
 
 
 def read_lines(lines: Iterable[str], *, skip_bad: bool, source: str) -> tuple[list[Any], int, str]:
@@ -146,20 +156,57 @@ def read_lines(lines: Iterable[str], *, skip_bad: bool, source: str) -> tuple[li
     return items, bad, first
 
 
+class NodeClock:
+    """A node's own time in seconds from its frames' tick counts, continued across
+    reboots (the tick restarts at 0): the time a reboot took is bridged on the receive
+    clock, scaled by the node's ticks per receive second measured before it."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, float, float]] = {}  # node -> (boot, rx, node time)
+        self._base: dict[str, float] = {}
+        self._first: dict[str, tuple[float, float]] = {}  # node -> (rx, node time) at its boot's start
+
+    def at(self, node: str, boot: int, tick: int | None, rx: float) -> float | None:
+        if tick is None:
+            return None
+        last = self._last.get(node)
+        if last is None:
+            self._base[node] = 0.0
+            self._first[node] = (rx, tick * NODE_TICK_S)
+        elif last[0] != boot or tick * NODE_TICK_S + self._base[node] < last[2]:
+            rx0, nt0 = self._first[node]
+            rate = (last[2] - nt0) / (last[1] - rx0) if last[1] > rx0 and last[2] > nt0 else 1.0
+            self._base[node] = last[2] + max(0.0, rx - last[1]) * rate - tick * NODE_TICK_S
+            self._first[node] = (rx, tick * NODE_TICK_S + self._base[node])
+        nt = tick * NODE_TICK_S + self._base[node]
+        self._last[node] = (boot, rx, nt)
+        return nt
+
+
 def read_store(path: str, since: float | None, until: float | None) -> list[Any]:
-    """Readings (converted to JSON units) and the monitor's authentication rejects."""
+    """Readings (converted to JSON units, with the node's own clock and quarantine state)
+    and the monitor's authentication rejects. Readings taken in the node's own failsafe
+    (it repeats its last values, zeros before its first reading) or without a sensor are
+    not measurements and are left out: the node is `offline` for the consensus then."""
     from .store import iter_frames, open_db
 
     con = open_db(path, create=False)
     try:
         zones = {n: z for n, z in con.execute("SELECT node, zone FROM nodes")}
         out: list[Any] = []
+        clock = NodeClock()
         for row in iter_frames(con, since=since, until=until):
-            zone = zones.get(row["node"]) or UNASSIGNED
+            node = row["node"]
+            held = row["failsafe"] if isinstance(row["failsafe"], int) else 0
+            nt = clock.at(node, row["boot"], row["tick"], row["rx_time"])
+            if held & HELD_FAILSAFE or (row["faults"] or 0) & SENSOR_MISSING:
+                continue
+            zone = zones.get(node) or UNASSIGNED
             for q, scale in STORE_SCALE.items():
                 v = row[q]
                 if v is not None:
-                    out.append(Reading(row["node"], zone, row["rx_time"], q, v / scale))
+                    out.append(Reading(node, zone, row["rx_time"], q, v / scale, None, None, nt,
+                                       bool(held & HELD_QUARANTINE)))
         # `security` link events (monitor --master-key): detail = "<verdict> <raw line>".
         sql = "SELECT rx_time, node, detail FROM link_events WHERE kind = 'security' AND node IS NOT NULL"
         args: list[Any] = []
@@ -178,28 +225,30 @@ def read_store(path: str, since: float | None, until: float | None) -> list[Any]
         con.close()
 
 
-def store_quarantined(path: str, since: float | None, until: float | None) -> list[str]:
-    """Nodes whose latest reading in the range carries the quarantine bit (failsafe & 2,
-    docs/protocol.md): the repair agent holds their actuators, so they take no part in
-    the vote until a release (the node's own state, not a guess from the verdicts)."""
-    from .store import open_db
-
-    con = open_db(path, create=False)
-    try:
-        sql = "SELECT node, failsafe FROM frames WHERE kind = 'reading'"
-        args: list[Any] = []
-        if since is not None:
-            sql += " AND rx_time >= ?"
-            args.append(since)
-        if until is not None:
-            sql += " AND rx_time <= ?"
-            args.append(until)
-        last: dict[str, int] = {}
-        for node, failsafe in con.execute(sql + " ORDER BY rx_time, id", args):
-            last[node] = failsafe if isinstance(failsafe, int) else 0
-        return sorted(n for n, f in last.items() if f & 2)
-    finally:
-        con.close()
+def quarantine_timeline(items: Iterable[Any], window: float) -> dict[float, dict[str, bool]]:
+    """window start -> node -> held in quarantine, for the nodes whose readings say so
+    (Reading.quarantined) and only those: a node's state in a window is the one its
+    LAST reading there reports, so a node quarantined at time t is out of the vote from
+    t's window on and votes in the windows before; a window without a word from the node
+    keeps its previous state."""
+    last: dict[float, dict[str, tuple[float, bool]]] = defaultdict(dict)
+    ever: set[str] = set()
+    for it in items:
+        if isinstance(it, Reading) and it.quarantined is not None:
+            ws = window_of(it.time, window)
+            seen = last[ws].get(it.node)
+            if seen is None or it.time >= seen[0]:
+                last[ws][it.node] = (it.time, it.quarantined)
+            if it.quarantined:
+                ever.add(it.node)
+    out: dict[float, dict[str, bool]] = {}
+    state: dict[str, bool] = {}
+    for ws in sorted(last):
+        for node, (_t, held) in last[ws].items():
+            if node in ever:
+                state[node] = held
+        out[ws] = dict(state)
+    return out
 
 
 # -- options ------------------------------------------------------------------------------
@@ -263,8 +312,21 @@ def verdicts(items: list[Any], *, window: float, allowance: dict[str, float], ma
             ev[kind] = ev.get(kind, 0) + 1
             grouped[(window_of(t, window), zone)]  # noqa: B018 (a window with events only still reports)
     tracker = FaultTracker(allowance=allowance, quarantined=quarantined, offsets=offsets)
+    # Per window, the nodes the store says were quarantined then (not the latest state:
+    # a node quarantined at the end of a run voted, rightly, in the windows before).
+    timeline = quarantine_timeline(items, window)
+    told = set(quarantined)  # --quarantined: the user's word holds until the tracker releases
+    held_now: dict[str, bool] = {}
     for key in sorted(grouped):
         ws, zone = key
+        for node, held in timeline.get(ws, held_now).items():
+            if node in told:
+                continue
+            if held:
+                tracker.quarantined.add(node)
+            elif held_now.get(node):
+                tracker.release_held(node)
+        held_now = timeline.get(ws, held_now)
         by_q = grouped[key]
         sec = events.get(key, {})
         humidity: dict[str, float] = {}
@@ -313,11 +375,15 @@ def run(args: argparse.Namespace) -> int:
 
         since, until = time_range(args)
         items: list[Any] = read_store(args.db, since, until)
-        held = [n for n in store_quarantined(args.db, since, until) if n not in args.quarantined]
+        windows: dict[str, int] = defaultdict(int)
+        timeline = quarantine_timeline(items, args.window)
+        for state in timeline.values():
+            for node, held in state.items():
+                windows[node] += held and node not in args.quarantined
+        held = ", ".join(f"{n} ({k} of {len(timeline)} windows)" for n, k in sorted(windows.items()) if k)
         if held:
-            print(f"canopy consensus: quarantined per the store (out of the vote): {' '.join(held)}",
-                  file=sys.stderr)
-        quarantined = [*args.quarantined, *held]
+            print(f"canopy consensus: quarantined per the store (out of the vote): {held}", file=sys.stderr)
+        quarantined = list(args.quarantined)
         bad, first = 0, ""
     else:
         if args.since or args.until:

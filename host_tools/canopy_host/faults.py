@@ -40,6 +40,8 @@ from .consensus import NO_QUORUM, QUANTITIES, NodeWindow, Verdict
 ACTIONS = ("none", "recalibrate", "push_config", "quarantine", "release")
 ALARM_CLASSES = frozenset({"drift", "stuck", "noise", "spoofing", "actuator_mismatch", "spike"})
 ACTUATORS = ("shade", "mist", "fan")
+NOISE_MIN_READINGS = 3  # a window's own noise estimate needs a line through at least three readings
+STILL_SPREAD = 0.01  # in resolution steps: an in-window spread this small is float rounding, not noise
 # Security-layer rejects that count as spoofing evidence: the generic names of the JSON
 # input and the monitor's verdict names (canopy_host.security.VERDICTS, stored as
 # `security` link events).
@@ -121,6 +123,9 @@ class _Win:
     truechimers: frozenset[str]
     last_time: dict[str, float]
     loo: dict[str, float] = field(default_factory=dict)  # value - median of the OTHER nodes
+    noises: dict[str, float] = field(default_factory=dict)  # in-window scatter without the trend
+    counts: dict[str, int] = field(default_factory=dict)  # readings in the window
+    node_time: dict[str, float] = field(default_factory=dict)  # the node's own clock, last reading
 
 
 class FaultTracker:
@@ -149,6 +154,13 @@ class FaultTracker:
     def offsets_for(self, zone: str, quantity: str, nodes: Iterable[str]) -> dict[str, float]:
         return {n: self.offset(zone, n, quantity) for n in nodes}
 
+    def release_held(self, node: str) -> None:
+        """The node was released elsewhere (the repair engine; the node says so): it votes
+        from now on, and a later quarantine counts its agreeing windows afresh."""
+        self.quarantined.discard(node)
+        for k in [k for k in self._good_run if k[0] == node]:
+            del self._good_run[k]
+
     # -- sensor quantities ------------------------------------------------------------
 
     def observe(self, verdict: Verdict, windows: Mapping[str, NodeWindow],
@@ -167,6 +179,9 @@ class FaultTracker:
                    {n: (w.accuracy if w.accuracy is not None else acc_default) + allow for n, w in windows.items()},
                    frozenset(verdict.truechimers), {n: w.last_time for n, w in windows.items()})
         win.loo = _leave_one_out(win.values)
+        win.noises = {n: (w.spread if w.noise is None else w.noise) for n, w in windows.items()}
+        win.counts = {n: w.count for n, w in windows.items()}
+        win.node_time = {n: w.last_node_time for n, w in windows.items() if w.last_node_time is not None}
         hist.append(win)
         seen: set[str] = set()
         for w in hist:
@@ -233,12 +248,15 @@ class FaultTracker:
         width = now.widths[node]
         # The node's series over the windows where the zone had a value.
         series = []
+        back_from = -math.inf  # the first window after the node's last omission
         for w in reversed(hist):  # only the recent windows: the CUSUM itself is kept incrementally
             if node in w.values and w.zone_value is not None:
                 series.append((w.start, w.values[node] - off - w.zone_value, w.values[node], w.zone_value,
                                w.spreads[node], w.last_time[node]))
                 if len(series) >= self._lookback:
                     break
+            elif w.zone_value is not None and back_from == -math.inf:
+                back_from = series[-1][0]
         series.reverse()
         e_now = series[-1][1]
         # A quarantined node takes no part in the vote: judge it by its residual alone.
@@ -252,7 +270,7 @@ class FaultTracker:
                 jump_at -= 1
             if jump_at > 0:
                 a, b = series[jump_at - 1], series[jump_at]
-                dt = max(b[5] - a[5], 1e-9)
+                dt = max(self._elapsed(node, hist, a[0], b[0]), 1e-9)
                 slew = abs(b[2] - a[2]) / dt
                 max_slew = QUANTITIES.get(q, {}).get("max_slew", math.inf)
                 if slew > max_slew:
@@ -295,7 +313,11 @@ class FaultTracker:
         if not alarm and not outlier:
             return self._finding(verdict, node, "ok", "none", ev)
         # Lone outliers (spikes) would tilt the fit: leave them out.
-        tail = [s for i, s in enumerate(res) if not _lone(res, i, width)][-cfg.min_windows * 2:]
+        # Only the windows since the node's last omission (offline, or in its own failsafe):
+        # while it was away its air may have changed (failsafe actuators), and a line
+        # through both sides of the gap is no trend of its sensor.
+        tail = [s for i, s in enumerate(res) if not _lone(res, i, width) and s[0] >= back_from]
+        tail = tail[-cfg.min_windows * 2:]
         if len(tail) < cfg.min_windows:
             return self._finding(verdict, node, "suspect", "none", dict(ev, windows=len(tail)),
                                  reason="offset building up; too few windows to classify yet")
@@ -304,8 +326,21 @@ class FaultTracker:
         slope, intercept, resid_std, slope_se = _fit(xs, es)
         trend = abs(slope) * (xs[-1] - xs[0])
         ev.update(slope_per_s=slope, trend=trend, residual_std=resid_std, windows=len(tail))
+        # A sensor error the node may be blamed for: beyond what the sensor is rated to
+        # (a healthy BME280 may read off by its accuracy, and the zone allowance on top).
+        rated = width - self.allowance.get(q, 0.0)
         if trend > cfg.trend_fraction * width and abs(slope) > cfg.trend_sigmas * slope_se:
             fitted = slope * xs[-1] + intercept
+            if abs(fitted) <= abs(slope * xs[0] + intercept):
+                # Shrinking: the node is coming back to its zone (its air recovering after
+                # a failsafe, its control catching up). What it settles at is judged then.
+                return self._finding(verdict, node, "suspect", "none", dict(ev, kind="shrinking", level=fitted),
+                                     reason="offset shrinking back toward the zone: not a sensor drift")
+            # Judged on what was measured (the last windows), not on the line's extrapolation.
+            recent = _median_of(es[-3:])
+            if abs(recent) <= rated:
+                return self._finding(verdict, node, "suspect", "none", dict(ev, kind="trend", level=recent),
+                                     reason="offset growing, still within the sensor's rated accuracy")
             return self._finding(verdict, node, "drift", "recalibrate", dict(ev, kind="trend"), fitted,
                                  reason="offset growing (CUSUM alarm and a trend)")
         level = _median_of(es)
@@ -323,8 +358,24 @@ class FaultTracker:
             if len(tail) < cfg.min_windows * 2 and not outlier:
                 return self._finding(verdict, node, "suspect", "none", ev,
                                      reason="stable offset; waiting for more windows before calling it a fault")
+        if abs(level) <= rated and not outlier:
+            ev.update(level=level)
+            return self._finding(verdict, node, "suspect", "none", ev,
+                                 reason="stable offset within the sensor's rated accuracy: not a fault on its own")
         return self._finding(verdict, node, "drift", "recalibrate", dict(ev, kind="step", level=level),
                              level, reason="stable offset not explained by a microclimate")
+
+    @staticmethod
+    def _elapsed(node: str, hist: deque[_Win], start_a: float, start_b: float) -> float:
+        """Seconds between the node's last readings in two windows, on the node's own clock
+        when both carry it (a virtual node's readings arrive 60 times faster than its air
+        changes; a real node's in bursts), else on the receive clock."""
+        wa = next(w for w in hist if w.start == start_a)
+        wb = next(w for w in hist if w.start == start_b)
+        ta, tb = wa.node_time.get(node), wb.node_time.get(node)
+        if ta is not None and tb is not None and tb > ta:
+            return tb - ta
+        return wb.last_time[node] - wa.last_time[node]
 
     def _stuck_ranges(self, hist: deque[_Win]) -> dict[str, tuple[float, float]]:
         """node -> (range of its values, largest in-window spread) over the last
@@ -345,29 +396,50 @@ class FaultTracker:
         if mine is None or not others:
             return None
         res = QUANTITIES.get(q, {}).get("resolution", 1e-6)
-        neigh = _median_of(others)
-        if mine[0] <= res and mine[1] <= res and neigh > 10 * res:
+        # The LOWER median of the neighbours' ranges: with two neighbours a plain median is
+        # their mean, and one drifting neighbour alone made a flat but live node "stuck".
+        neigh = _lower_median(others)
+        # Stuck means repeating one value: no reading in any window differs (spread within
+        # float rounding). A live sensor in still air keeps flickering by a step or so
+        # (measured: the virtual nodes' pressure std 0.004-0.009 hPa in a window, under
+        # the 0.01 hPa step), and its window medians may well stay within one step.
+        if mine[0] <= res and mine[1] <= STILL_SPREAD * res and neigh > 10 * res:
             return {"range": mine[0], "neighbour_range": neigh, "windows": self.cfg.stuck_windows}
         return None
 
     def _scatters(self, hist: deque[_Win]) -> dict[str, tuple[float, int]]:
-        """node -> (scatter, windows): its residual to the median of the OTHER nodes, then
-        a robust spread of the residual's first differences (median absolute difference
-        scaled to a Gaussian std; one spike moves two differences, not the median), plus
-        its median in-window spread."""
+        """node -> (scatter, windows): how much its readings scatter, as a Gaussian std.
+
+        Windows of several readings (a node reporting every second): the median over the
+        windows of the readings' scatter around each window's own trend. Sensor noise is
+        plain there, reading to reading, while the window medians mostly carry the air,
+        the node's control and its calibration steps, which are no sensor noise.
+
+        Windows of one or two readings: the node's residual to the median of the OTHER
+        nodes, window to window, as a robust spread of its SECOND differences (median
+        absolute value scaled to a Gaussian std: white noise of std s gives second
+        differences of std s*sqrt(6)). Second, not first: a drifting node's residual
+        ramps by the same step every window, so its first differences are that step (a
+        large "scatter" with no noise in it), its second differences zero but at the
+        ramp's two corners, which the median ignores; one spike moves three of them."""
         cfg = self.cfg
         wins = [w for w in hist if w.zone_value is not None][-cfg.noise_windows:]
         series: dict[str, list[float]] = {}
-        spreads: dict[str, list[float]] = {}
+        inside: dict[str, list[float]] = {}
         for w in wins:
             for n, e in w.loo.items():
                 series.setdefault(n, []).append(e)
-                spreads.setdefault(n, []).append(w.spreads[n])
+                if w.counts[n] >= NOISE_MIN_READINGS:
+                    inside.setdefault(n, []).append(w.noises[n])
         out = {}
         for n, es in series.items():
-            if len(es) >= cfg.min_windows:
-                d = _median_of([abs(x) for x in _diff(es)]) * 1.4826 / math.sqrt(2)
-                out[n] = (d + _median_of(spreads[n]), len(es))
+            if len(es) < cfg.min_windows:
+                continue
+            mine = inside.get(n, [])
+            if len(mine) >= cfg.min_windows:
+                out[n] = (_median_of(mine), len(mine))
+            else:
+                out[n] = (_median_of([abs(x) for x in _diff(_diff(es))]) * 1.4826 / math.sqrt(6), len(es))
         return out
 
     def _noise(self, node: str, hist: deque[_Win], width: float) -> dict[str, Any] | None:
@@ -445,6 +517,11 @@ def _median_of(xs: list[float]) -> float:
     s = sorted(xs)
     m = len(s)
     return s[m // 2] if m % 2 else (s[m // 2 - 1] + s[m // 2]) / 2.0
+
+
+def _lower_median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[(len(s) - 1) // 2]
 
 
 def _leave_one_out(values: Mapping[str, float]) -> dict[str, float]:
