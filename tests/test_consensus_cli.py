@@ -277,3 +277,17 @@ def test_json_lines_carry_quarantine_and_node_clock(capsys, monkeypatch):
     assert [v["n"] for v in out] == [4] * 10 + [3] * 4
     n2 = [v["faults"]["n2"]["class"] for v in out]
     assert "spoofing" not in n2 and "drift" in n2  # 1.25 °C per node minute: a drift, not a takeover
+
+
+def test_node_clock_runs_on_across_a_reboot():
+    from canopy_host.consensus_cmd import NodeClock
+
+    clock = NodeClock()
+    # A virtual node at 60x: 600 ticks (1 s each) in 10 receive seconds.
+    assert clock.at("n1", 1, 0, 100.0) == 0
+    assert clock.at("n1", 1, 600, 110.0) == 600
+    # Rebooted: its tick restarts. The 2 receive seconds it was away count at its own rate.
+    assert clock.at("n1", 2, 1, 112.0) == pytest.approx(600 + 2 * 60)
+    assert clock.at("n1", 2, 61, 113.0) == pytest.approx(600 + 2 * 60 + 60)
+    assert clock.at("n2", 1, 5, 113.0) == 5  # every node on its own clock
+    assert clock.at("n1", 2, None, 114.0) is None  # a frame without a tick says nothing

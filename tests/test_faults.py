@@ -309,3 +309,132 @@ def test_drift_on_top_of_a_microclimate_recalibrates_only_the_drift():
     # The microclimate stays host-side: the node is asked to correct the drift only.
     assert x["action"]["offset"] == pytest.approx(rate * (w - 30), abs=0.3)
     assert x["evidence"]["offset"] == pytest.approx(1.5, abs=0.1)
+
+
+# -- fidelity: what a drifting, recovering or merely quiet node is not --------------------------
+
+
+def dense_series(windows, *, seed, per_window=20, t_mod=None, p_mod=None, nodes=NODES, skip=None,
+                 t_noise=0.02, p_noise=0.01, p_swing=0.3):
+    """Like zone_series, but each node reports `per_window` times a window (a node's
+    reading every few seconds), with its own clock (node_time) and the protocol's
+    resolution (0.01 °C, 0.01 hPa). t_mod(node, w, k, value, rng) -> value (k: the
+    reading's index in the window), p_mod likewise; p_swing: the air pressure's swing."""
+    rng = random.Random(seed)
+    out = []
+    for w in range(windows):
+        for k in range(per_window):
+            x = w + k / per_window  # in windows
+            for i, node in enumerate(nodes):
+                if skip and skip(node, w):
+                    continue
+                t = truth_t(x) + rng.gauss(0, t_noise)
+                p = 1005.0 + p_swing * math.sin(x / 7) + rng.gauss(0, p_noise)
+                if t_mod:
+                    t = t_mod(node, w, k, t, rng)
+                if p_mod:
+                    p = p_mod(node, w, k, p, rng)
+                when = T0 + x * WINDOW + 0.1 * i
+                out.append(Reading(node, "A", when, "t", round(t, 2), node_time=x * WINDOW))
+                out.append(Reading(node, "A", when, "p", round(p, 2), node_time=x * WINDOW))
+    return out
+
+
+def test_a_drift_ramp_and_its_recalibration_are_not_noise():
+    """The demo's sabotage: +1.25 °C a window for four windows from window 3, then a
+    recalibration removes 3 °C in window 12. A ramp is no scatter, nor is a step."""
+    def mod(node, w, k, t, rng):
+        if node != "n3" or w < 3:
+            return t
+        x = w + k / 20
+        err = min(x - 3, 4) * 1.25
+        return t + err - (3.0 if w >= 12 else 0.0)
+
+    f = faults_of(run(dense_series(24, seed=20, t_mod=mod)))
+    n3 = [(w, x["class"]) for w, x in f["n3"]]
+    assert not [c for _, c in n3 if c in ("noise", "stuck", "spoofing")], n3
+    assert any(c == "drift" for w, c in n3 if 4 <= w <= 8), n3
+    for node in ("n1", "n2", "n4", "n5"):
+        assert alarms(f[node]) == [], node
+
+
+def test_noise_within_windows_is_noise():
+    def mod(node, w, k, t, rng):
+        return t + rng.gauss(0, 0.5) if node == "n4" else t
+
+    f = faults_of(run(dense_series(16, seed=21, t_mod=mod)))
+    classes = [x["class"] for w, x in f["n4"] if w >= 6]
+    assert classes and set(classes) == {"noise"}, classes
+    x = next(x for w, x in f["n4"] if x["class"] == "noise")
+    assert x["evidence"]["std"] == pytest.approx(0.5, rel=0.3) and x["evidence"]["ratio"] >= 3
+    for node in ("n1", "n2", "n3", "n5"):
+        assert alarms(f[node]) == [], node
+
+
+def test_still_pressure_next_to_a_drifting_neighbour_is_not_stuck():
+    """Three nodes; the air's pressure barely moves (window medians within one 0.01 hPa
+    step for minutes) while n3's pressure reading runs away. n1 and n2 still flicker
+    reading to reading: live sensors, however still their medians."""
+    def pmod(node, w, k, p, rng):
+        return p + 2.0 * max(0.0, w + k / 20 - 2) if node == "n3" else p
+
+    items = dense_series(20, seed=22, nodes=("n1", "n2", "n3"), p_mod=pmod, p_noise=0.006, p_swing=0.0)
+    f = faults_of(run(items), "p")
+    for node in ("n1", "n2"):
+        assert [c for _, c in alarms(f[node]) if c == "stuck"] == [], (node, alarms(f[node]))
+
+
+def test_a_sensor_repeating_one_value_is_stuck_among_dense_readings():
+    def mod(node, w, k, t, rng):
+        return 23.0 if node == "n1" and w >= 10 else t
+
+    f = faults_of(run(dense_series(22, seed=23, t_mod=mod)))
+    stuck = [w for w, x in f["n1"] if x["class"] == "stuck"]
+    assert stuck and stuck[0] <= 10 + 5
+    assert [c for w, c in alarms(f["n1"]) if w < 10] == []
+
+
+def test_stable_offset_within_the_sensor_accuracy_is_not_a_fault():
+    """0.8 °C off (the BME280 is rated ±1 °C) and its pressure disagreeing, so no
+    microclimate explains it: still no fault and nothing to recalibrate. 1.5 °C is one
+    (test_same_offset_with_pressure_disagreeing_is_not_a_microclimate)."""
+    def mod(node, w, t, rng):
+        return t + 0.8 if node == "n5" else t
+
+    def pmod(node, w, p, rng):
+        return p - 3.0 if node == "n5" else p
+
+    f = faults_of(run(zone_series(50, seed=24, t_mod=mod, p_mod=pmod)))
+    assert alarms(f["n5"]) == []
+    assert {x["action"]["kind"] for _, x in f["n5"]} == {"none"}
+    assert any(x["class"] == "suspect" for _, x in f["n5"])  # reported, with its level
+    level = next(x for _, x in f["n5"] if "level" in x["evidence"])["evidence"]["level"]
+    assert level == pytest.approx(0.8, abs=0.1)
+
+
+def test_offset_shrinking_after_an_omission_is_not_drift():
+    """n2 is gone for windows 10-11 (its own failsafe), comes back 4 °C off and relaxes
+    toward the zone with a 3-window time constant: its air recovering, not its sensor."""
+    def mod(node, w, t, rng):
+        return t + 4.0 * math.exp(-(w - 12) / 3) if node == "n2" and w >= 12 else t
+
+    f = faults_of(run(zone_series(40, seed=25, t_mod=mod, skip=lambda n, w: n == "n2" and 10 <= w <= 11)))
+    n2 = [(w, x["class"]) for w, x in f["n2"]]
+    assert [c for _, c in n2 if c not in ("ok", "offline", "spike", "suspect")] == [], n2
+    assert {x["action"]["kind"] for _, x in f["n2"]} == {"none"}
+
+
+def test_drift_growing_beyond_the_sensor_accuracy_is_recalibrated_by_what_was_measured():
+    rate = 0.1  # °C per window from window 10: beyond 1 °C after window 20
+
+    def mod(node, w, t, rng):
+        return t + rate * (w - 10) if node == "n4" and w >= 10 else t
+
+    f = faults_of(run(zone_series(40, seed=26, t_mod=mod)))
+    drift = [(w, x) for w, x in f["n4"] if x["class"] == "drift"]
+    assert drift
+    w, x = drift[0]
+    assert 20 <= w <= 26  # found once it is beyond the sensor's rating, not much later
+    assert x["evidence"]["kind"] == "trend" and x["action"]["offset"] == pytest.approx(rate * (w - 10), abs=0.3)
+    before = [c for ww, c in [(ww, y["class"]) for ww, y in f["n4"]] if ww < w]
+    assert set(before) <= {"ok", "suspect"}
