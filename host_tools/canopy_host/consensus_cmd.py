@@ -71,7 +71,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--offsets", metavar="FILE", help='JSON {"node": {"t": 0.4}}: known offsets to subtract')
     p.add_argument("--quarantined", action="append", default=[], metavar="NODE",
                    help="a quarantined node: excluded from the vote, watched for release (repeatable); "
-                        "with --db, nodes whose latest reading says quarantined (failsafe bit 2) are added")
+                        "with --db, a node is also out of the vote in each window its readings say it was "
+                        "quarantined (failsafe bit 2)")
     p.add_argument("--zone", action="append", metavar="Z", help="only this zone (repeatable)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad input lines instead of stopping")
     p.set_defaults(func=run)
