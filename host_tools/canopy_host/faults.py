@@ -6,13 +6,16 @@ in time order. It keeps a bounded history per zone and quantity and returns one
 for the repair engine. Classes (docs/consensus.md has the full rules):
 
     ok            agrees with the zone                               -> none
-    suspect       CUSUM alarm, too few windows to tell drift from a microclimate -> none
+    suspect       CUSUM alarm, too few windows to tell drift from a microclimate, or an
+                  offset shrinking back or within the sensor's rated accuracy -> none
     microclimate  stable offset, tracks the zone, pressure agrees    -> none (offset learned)
     spike         a single outlier window                            -> none (suppressed)
-    drift         offset growing (CUSUM + trend) or a stable unexplained step -> recalibrate
-    stuck         no variance while the neighbours vary              -> quarantine
-    noise         variance well above the neighbours'                -> quarantine
-    spoofing      MAC/counter failure, impossible value, impossible sustained slew -> quarantine
+    drift         offset beyond the sensor's accuracy: growing (CUSUM + trend) or a
+                  stable unexplained step                            -> recalibrate
+    stuck         one value repeated while the neighbours vary       -> quarantine
+    noise         scatter (around its trend) well above the neighbours' -> quarantine
+    spoofing      MAC/counter failure, impossible value, impossible sustained slew
+                  (on the node's own clock when the readings carry it) -> quarantine
     offline       no reading this window (an omission, not a vote)   -> none
     actuator_mismatch  output != setpoint (push_config) or no physical effect (quarantine)
     no_quorum     the zone had no quorum: nothing is judged, nothing is actionable
@@ -326,8 +329,9 @@ class FaultTracker:
         slope, intercept, resid_std, slope_se = _fit(xs, es)
         trend = abs(slope) * (xs[-1] - xs[0])
         ev.update(slope_per_s=slope, trend=trend, residual_std=resid_std, windows=len(tail))
-        # A sensor error the node may be blamed for: beyond what the sensor is rated to
-        # (a healthy BME280 may read off by its accuracy, and the zone allowance on top).
+        # A sensor error the node may be blamed for: beyond what the sensor is rated to (a
+        # healthy BME280 may read off by its accuracy; its site's air may differ by the
+        # allowance on top, and the consensus cannot tell that from its sensor).
         rated = width - self.allowance.get(q, 0.0)
         if trend > cfg.trend_fraction * width and abs(slope) > cfg.trend_sigmas * slope_se:
             fitted = slope * xs[-1] + intercept
