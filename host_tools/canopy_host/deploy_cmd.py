@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -14,8 +15,9 @@ from .boards import load_board
 from .errors import CanopyError
 from .paths import FIRMWARE_DIR
 from .ports import ports_for_board
-from .provision import load_master_key
-from .transport import load_sim_state, resolve_port, state_file_path
+from .provision import default_master_key_path, load_master_key
+from .registry import Registry
+from .transport import is_url, load_sim_state, resolve_port, state_file_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -78,6 +80,50 @@ class _Bar(deploy.Progress):
 
     def advance(self, nbytes: int) -> None:
         self._p.advance(self._task, nbytes)
+
+
+def missing_port(port: str) -> str | None:
+    """Why `port` cannot be opened if it is a device path that is not there (a typo or an
+    unplugged board), else None: the transport would call it a port in use."""
+    if port.startswith("/") and not is_url(port) and not Path(port).exists():
+        return (f"cannot open {port}: it does not exist (see `canopy ports`; virtual nodes: sim:NODE, "
+                "or --all with --board unix-sim)")
+    return None
+
+
+def check_ports_exist(ports: list[str]) -> None:
+    for port in ports:
+        why = missing_port(port)
+        if why:
+            raise CanopyError(why)
+
+
+def master_key(path: Path | None) -> bytes:
+    """The mesh master key. The default file is created on first use (and that is said);
+    a --master-key naming a missing file is a mistake: a fresh key there would re-key the
+    node away from the rest of the mesh."""
+    if path is not None and not path.exists():
+        raise CanopyError(f"--master-key {path}: no such file (omit --master-key to use the default "
+                          f"{default_master_key_path()}, created on first use)")
+    default = path or default_master_key_path()
+    existed = default.exists()
+    key = load_master_key(path)
+    if not existed:
+        print(f"canopy: created a new mesh master key at {default}; every node keyed from now on needs it "
+              "(docs/security.md)", file=sys.stderr)
+    return key
+
+
+def check_host_files(registry_path: Path | None, counter_file: Path | None = None) -> None:
+    """Read the registry (and the command counter) before any node is touched: found broken
+    after the copy, they would leave a node half deployed."""
+    Registry.load(registry_path, strict=True)
+    if counter_file is not None:
+        from .security import CommandCounter
+
+        if counter_file.is_dir():
+            raise CanopyError(f"--counter-file {counter_file} is a directory; name a file")
+        CommandCounter(counter_file).peek()
 
 
 def _ports(args: argparse.Namespace, board_name: str, virtual: bool) -> list[str]:
@@ -149,8 +195,11 @@ def run(args: argparse.Namespace) -> int:
     if args.node_id and (args.all or len(args.port) > 1):
         raise CanopyError("--node-id names one node: use it with a single --port")
     ports = _ports(args, board.name, virtual)
+    check_host_files(args.registry, args.counter_file)
+    if args.report is not None and args.report.is_dir():
+        raise CanopyError(f"--report {args.report} is a directory; name a file")
     gateway = _gateway(args, ports, virtual) if not args.no_check else None
-    master = load_master_key(args.master_key)
+    master = master_key(args.master_key)
     console = Console(stderr=True, emoji=False)  # a MAC's ':cd:' is not an emoji
     kw = dict(zone=args.zone, node_id=args.node_id, registry_path=args.registry, check=not args.no_check,
               firmware_dir=args.firmware_dir, counter_file=args.counter_file, gateway=gateway)
@@ -161,6 +210,10 @@ def run(args: argparse.Namespace) -> int:
                    TextColumn("{task.fields[status]}"))
         with Progress(*columns, console=console, transient=False) as progress:
             reports = deploy.deploy_nodes(ports, board, master, make_progress=lambda p: _Bar(progress, p), **kw)
+    for r in reports:  # one missing port fails its node only; the others are deployed
+        why = None if r.flashed else missing_port(r.port)
+        if why:
+            r.error = why
     _summary(console, reports)
     doc = {"board": board.name, "nodes": [r.to_json() for r in reports]}
     text = json.dumps(doc, indent=2)

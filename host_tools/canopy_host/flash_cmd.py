@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
@@ -92,6 +95,39 @@ def _summary(console: Console, reports: list[NodeReport]) -> None:
                 console.print(f"        try: {r.hint}")
 
 
+def _finish_on_interrupt(work: Callable[[], list[NodeReport]], say: Callable[[str], None]) -> tuple[list[NodeReport], bool]:
+    """Run `work` in a thread. The first Ctrl-C lets the writes under way finish (a write
+    cut short leaves a board that does not boot until it is flashed again) and says so; a
+    second one abandons them. Returns the reports and whether Ctrl-C was pressed."""
+    box: dict[str, Any] = {}
+    done = threading.Event()  # not Thread.join: a join cut by Ctrl-C can misreport the thread (3.11)
+
+    def target() -> None:
+        try:
+            box["reports"] = work()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="flash-main", daemon=True).start()
+    interrupted = False
+    while not done.is_set():
+        try:
+            done.wait(0.2)
+        except KeyboardInterrupt:
+            if interrupted:
+                say("canopy flash: abandoned; flash the boards again (`canopy flash ...`) before using them")
+                sys.stderr.flush()
+                os._exit(130)  # the esptool threads cannot be cancelled; leave without them
+            interrupted = True
+            say("canopy flash: Ctrl-C: letting the writes under way finish (a board cut off mid-write does not "
+                "boot until flashed again); Ctrl-C again to abandon them")
+    if "error" in box:
+        raise box["error"]
+    return box["reports"], interrupted
+
+
 def run(args: argparse.Namespace) -> int:
     _validate(args)
     board = load_board(args.board)
@@ -105,11 +141,15 @@ def run(args: argparse.Namespace) -> int:
             raise CanopyError(f"--all found no connected port with a {board.name} USB id ({ids}); see `canopy ports`")
     else:
         ports = args.port
+    if args.report is not None and args.report.is_dir():
+        raise CanopyError(f"--report {args.report} is a directory; name a file")
     console = Console(stderr=True)
     if args.quiet:
         sinks: dict[str, _QuietSink | _BarSink] = {}
-        reports = flash_nodes(ports, board, image, args.baud, args.erase, args.connect_attempts,
-                              make_sink=lambda p: sinks.setdefault(p, _QuietSink()))
+        reports, interrupted = _finish_on_interrupt(
+            lambda: flash_nodes(ports, board, image, args.baud, args.erase, args.connect_attempts,
+                                make_sink=lambda p: sinks.setdefault(p, _QuietSink())),
+            lambda text: print(text, file=sys.stderr, flush=True))
     else:
         columns = (
             TextColumn("{task.fields[port]}", style="bold"),
@@ -118,8 +158,10 @@ def run(args: argparse.Namespace) -> int:
             TextColumn("{task.fields[status]}"),
         )
         with Progress(*columns, console=console, transient=False) as progress:
-            reports = flash_nodes(ports, board, image, args.baud, args.erase, args.connect_attempts,
-                                  make_sink=lambda p: _BarSink(progress, p))
+            reports, interrupted = _finish_on_interrupt(
+                lambda: flash_nodes(ports, board, image, args.baud, args.erase, args.connect_attempts,
+                                    make_sink=lambda p: _BarSink(progress, p)),
+                lambda text: progress.console.print(text, markup=False, highlight=False))
     _summary(console, reports)
     doc = {"board": board.name, "firmware": str(args.firmware), "nodes": [r.to_json() for r in reports]}
     text = json.dumps(doc, indent=2)
@@ -132,5 +174,7 @@ def run(args: argparse.Namespace) -> int:
     failed = [r for r in reports if r.result != "ok"]
     if failed:
         console.print(f"[red]{len(failed)} of {len(reports)} node(s) not flashed[/red]")
-        return 1
-    return 0
+    if interrupted:
+        console.print("canopy flash: interrupted (the writes under way were finished; see the report)")
+        return 130
+    return 1 if failed else 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import CanopyError
 from .mesh_sim import partition, read_control, write_control
-from .transport import load_sim_state
+from .transport import load_sim_state, state_file_path
 
 EXAMPLES = """\
 examples:
@@ -18,6 +18,10 @@ examples:
   canopy mesh up n02
   canopy mesh loss 0.3 --node n04             # 30 % of n04's packets are lost
   canopy mesh status
+
+Changes take effect at once on the running nodes (each node's radio reads a control file
+in its folder) and last until `heal`/`up`, or until the sim stops. partition: every group
+hears only itself; a node named in no group keeps its links.
 """
 
 
@@ -27,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Change the simulated ESP-NOW mesh of running virtual nodes (docs/mesh.md).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--state", metavar="FILE", default=None, help="sim state file (default var/sim/state.json)")
+    p.add_argument("--state", "--sim-state", dest="state", metavar="FILE", default=None,
+                   help="state file of the running `canopy sim --mesh ...` (default $CANOPY_SIM_STATE or "
+                        "var/sim/state.json)")
     p.add_argument("action", choices=("status", "partition", "heal", "down", "up", "loss", "delay"))
     p.add_argument("values", nargs="*", metavar="ARG",
                    help="partition: groups like n01,n02 n03; down/up: node ids; loss: P; delay: MS")
@@ -38,6 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _folders(state_file: str | None) -> dict[str, Path]:
     state = load_sim_state(state_file)
+    if state.get("running") is False:
+        # The control files would be written, and read by nobody.
+        raise CanopyError(f"the `canopy sim` of {state_file_path(state_file)} is not running (stopped "
+                          f"{state.get('updated') or 'earlier'}); start it again, e.g. `canopy sim --nodes 4 --mesh line`")
     out = {}
     for n in state["nodes"]:
         if not isinstance(n, dict) or "node_id" not in n or "folder" not in n:

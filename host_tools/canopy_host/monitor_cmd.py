@@ -25,10 +25,17 @@ examples:
   canopy monitor --master-key mesh.key /dev/ttyUSB0   # check every frame's tag (docs/security.md)
   canopy monitor --sim-state var/sim/state.json --repair var/shadow.json   # repair live (docs/repair.md)
 
-Every frame goes into the SQLite file given by --db (WAL mode; safe to read while the
-monitor runs), with link events (connects, disconnects, reboots, gaps, CRC errors,
-garbage, free-text lines). Read it back with `canopy export` and `canopy plot`.
+Every frame goes into the SQLite file given by --db (default canopy-monitor.db in the
+current folder; appended to, WAL mode, safe to read while the monitor runs), with link
+events (connects, disconnects, reboots, gaps, CRC errors, garbage, free-text lines).
+Read it back with `canopy export`, `canopy plot` and `canopy consensus`.
 Ctrl-C stops cleanly: everything received so far is committed before exit.
+
+On a terminal the monitor shows a live table, one row per node; when stdout is a pipe or
+a file it prints notices (ports that cannot be opened, ...) on stderr as they happen and
+a per-node summary at the end. A port that cannot be opened is retried (backoff up to 5 s)
+until it appears: unplugging is normal, so only a port path that does not exist at the
+start is an error.
 
 With --master-key (or following a `canopy sim --master-key` through --sim-state, whose
 state file names its key) every frame's HMAC tag and replay window are checked: a frame
@@ -124,14 +131,18 @@ def _collect_specs(args: argparse.Namespace) -> list[Any]:
                 "no ports given and no USB serial port matches a known board (boards/*.json usb hints); "
                 "name ports (canopy monitor /dev/ttyUSB0) or follow virtual nodes (--sim-state FILE)"
             )
-    kept = []
+    kept, missing = [], []
     for spec in specs:
         if spec.must_exist and spec.path and not Path(spec.path).exists():
-            print(f"canopy monitor: error: port {spec.path!r} does not exist; following the others", file=sys.stderr)
+            missing.append(spec.path)
             continue
         kept.append(spec)
     if not kept:
-        raise CanopyError("none of the given ports exists (see `canopy ports` for candidates)")
+        which = f"port {missing[0]!r} does not exist" if len(missing) == 1 else \
+            f"none of the ports {', '.join(repr(m) for m in missing)} exists"
+        raise CanopyError(f"{which} (see `canopy ports` for candidates, or --sim-state for virtual nodes)")
+    for path in missing:
+        print(f"canopy monitor: warning: port {path!r} does not exist; following the others", file=sys.stderr)
     return kept
 
 
@@ -250,6 +261,9 @@ def run(args: argparse.Namespace) -> int:
         from . import protocol  # fail early, not inside every reader
     except ImportError as exc:
         raise CanopyError(f"the protocol module is not available: {exc}") from None
+    from .export_cmd import check_db_file
+
+    check_db_file(args.db, writing=True)  # before the ports: a typo must not cost a session
     specs = _collect_specs(args)
     auth = make_auth(args)
     if getattr(args, "repair", None):
@@ -282,7 +296,9 @@ def run(args: argparse.Namespace) -> int:
             r.start()
         if loop is not None:
             loop.start()
-        if not args.json:
+        # Piped or redirected: no live table (it would be printed once, clipped, at the
+        # end); the notices go to stderr as they come and the summary ends the output.
+        if not args.json and sys.stdout.isatty():
             from .dashboard import Dashboard
 
             dash = Dashboard(collector)

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .errors import CanopyError
-from .export_cmd import add_time_filters, check_nodes, parse_quantities, time_range
-from .store import READING_COLUMNS, decode_fields, iter_frames, nodes_in_zone, open_db
+from .export_cmd import add_time_filters, check_nodes, open_reader, parse_quantities, time_range
+from .store import READING_COLUMNS, decode_fields, iter_frames, nodes_in_zone
 
 # Protocol integers -> display units.
 SCALES: dict[str, tuple[float, str]] = {
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     since, until = time_range(args)
     if not args.output.lower().endswith(".png"):
         raise CanopyError(f"-o {args.output!r}: the output is a PNG; name it *.png")
-    con = open_db(args.db, create=False)
+    con = open_reader(args.db)
     try:
         if args.zone is not None:
             nodes = nodes_in_zone(con, args.zone)

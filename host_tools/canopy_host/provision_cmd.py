@@ -11,7 +11,8 @@ from . import registry
 from .boards import load_board
 from .deploy import SCAN_TIMEOUT_S, connect, guarded, usb_info
 from .errors import CanopyError
-from .provision import load_master_key, provision_node, read_facts
+from .deploy_cmd import check_ports_exist, master_key
+from .provision import provision_node, read_facts
 from .transport import resolve_port
 
 
@@ -57,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
     if args.board:
         load_board(args.board)  # an unknown board name is an error before the port is touched
     port = resolve_port(args.port, args.sim_state)
+    check_ports_exist([port])
     reg = registry.Registry.load(args.registry, strict=True)
-    master = load_master_key(args.master_key)
+    master = master_key(args.master_key)
     serial_no, location = usb_info(port)
     t = connect(port, soft_reset=False)
-    ok = False
     try:
         with guarded(t, SCAN_TIMEOUT_S, "reading the node's MAC"):
             facts = read_facts(t)
@@ -72,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
             result = provision_node(t, board, master, zone=args.zone, node_id=args.node_id,
                                     registry_path=args.registry, usb_serial=args.usb_serial or serial_no,
                                     location=location, facts=facts)
-        ok = True
     finally:
         try:
             t.exit_raw_repl()
-            if ok:
-                t.serial.write(b"\x04")  # soft reset: the app restarts with its new identity and key
+            # Soft reset even after a failure: connecting stopped the app, and a node left
+            # at the REPL runs no control loop (and looks unplugged to the monitor).
+            t.serial.write(b"\x04")  # the app restarts, with its new identity and key if ok
         except Exception:
             pass
         try:  # always: an open handle keeps mpremote's exclusive lock on the port

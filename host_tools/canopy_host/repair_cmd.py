@@ -24,7 +24,14 @@ set calibration offsets, quarantine or release nodes (consensus findings; never 
 NO_QUORUM verdict). Every step is journaled in the --db file; running the command again
 resumes unfinished jobs (offline nodes are retried with backoff until --deadline).
 `canopy audit` shows the log. Exit status: 0 all verified, 1 some job failed or was
-rolled back by its node, 3 some job still waits (node offline).
+rolled back by its node, 2 a mistake (bad file, a node refusing our key), 3 some job
+still waits (node offline).
+
+The shadow file lists the nodes and what they should be; the smallest one is
+  {"config": {}, "nodes": {"n01": {}, "n02": {}}}
+(every node on the firmware's default config; docs/repair.md has the format). Nodes that
+were given a mesh key by `canopy deploy` / `canopy provision` only obey tagged commands:
+pass --master-key (the default key is ~/.config/canopy/mesh_master.key).
 """
 
 
@@ -47,7 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--timeout", type=float, default=3.0, metavar="S", help="answer timeout per command (default 3)")
     p.add_argument("--json", action="store_true", help="print the plan / result as JSON")
     p.add_argument("--master-key", metavar="FILE",
-                   help="mesh master key file: tag every command, believe only verified replies (docs/security.md)")
+                   help="mesh master key file: tag every command, believe only verified replies; needed for "
+                        "nodes keyed by `canopy deploy`/`provision` (default: the key the --sim-state file "
+                        "names, if any; docs/security.md)")
     p.add_argument("--counter-file", metavar="FILE",
                    help="persisted host command counter (default: the security module's, var/security/counter.json)")
     p.set_defaults(func=run)
@@ -74,7 +83,9 @@ def read_findings(path: str) -> list[dict[str, Any]]:
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as exc:
-        raise CanopyError(f"cannot read findings {path!r}: {exc}") from None
+        raise CanopyError(f"cannot read findings {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CanopyError(f"{path}: not text; --findings takes the JSON lines `canopy consensus` prints") from None
     out: list[dict[str, Any]] = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -103,10 +114,37 @@ def read_findings(path: str) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     from .shadow import load_shadow
 
+    if not args.deadline >= 0:
+        raise CanopyError("--deadline must be 0 or more seconds")
+    if not args.timeout > 0:
+        raise CanopyError("--timeout must be a positive number of seconds")
     shadow = load_shadow(args.shadow)
     findings = read_findings(args.findings) if args.findings else []
     ports = parse_ports(args.port, args.sim_state, shadow.node_ids())
+    if not args.master_key and args.sim_state:
+        # As `canopy monitor --sim-state` does: a `canopy sim --master-key` names its key.
+        from .transport import load_sim_state
+
+        named = load_sim_state(args.sim_state).get("master_key_file")
+        if named:
+            args.master_key = str(named)
+    if shadow.node_ids() and not ports:
+        raise CanopyError("no node has a port: give --sim-state FILE (virtual nodes) or --port NODE=PORT "
+                          "for each node of the shadow file")
     return execute(args, shadow, ports, findings)
+
+
+def _auth_hint(refused: list[str], keyed: bool) -> str:
+    """What to do when nodes refuse our commands for authentication: retrying cannot help."""
+    nodes = ", ".join(refused)
+    if not keyed:
+        from .provision import default_master_key_path
+
+        return (f"{nodes} refused an untagged command (err=auth): the node has a mesh key. Pass the master key "
+                f"the nodes were provisioned with: --master-key {default_master_key_path()} (the default "
+                "`canopy deploy`/`canopy provision` use; docs/security.md)")
+    return (f"{nodes} refused our tagged command (err=auth): is --master-key the key the nodes were provisioned "
+            "with? (`canopy provision --list` shows each node's key id; docs/security.md)")
 
 
 def after_monitor(args: argparse.Namespace, seen: dict[str, str]) -> int:
@@ -132,15 +170,30 @@ def execute(args: argparse.Namespace, shadow: Any, ports: dict[str, str], findin
 
         auth = HostAuth(load_master_key(Path(args.master_key)),
                         Path(args.counter_file) if args.counter_file else DEFAULT_COUNTER_FILE)
+    if not args.dry_run:
+        from .export_cmd import check_db_file
+
+        check_db_file(args.db, writing=True)  # the journal goes there
     client = SerialClient(ports, timeout=args.timeout, state_file=args.sim_state, auth=auth)
     try:
         actual = {}
+        refused: list[str] = []
         for node in shadow.node_ids():
             try:
                 actual[node] = status(client, node)
-            except (NodeOffline, NodeRefused) as exc:
+            except NodeRefused as exc:
+                if exc.err == "auth":
+                    refused.append(node)
+                    continue
                 print(f"canopy repair: {node}: no status ({exc}); its steps wait for it", file=sys.stderr)
                 actual[node] = None
+            except NodeOffline as exc:
+                print(f"canopy repair: {node}: no status ({exc}); its steps wait for it", file=sys.stderr)
+                actual[node] = None
+        if refused:
+            # A key problem, not an offline node: journaling jobs that would be retried
+            # until --deadline and then wait forever helps nobody.
+            raise CanopyError(_auth_hint(refused, auth is not None))
         p = plan(shadow, actual, findings)
         if args.json:
             print(json.dumps({"dry_run": args.dry_run,

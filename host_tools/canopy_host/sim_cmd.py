@@ -79,9 +79,26 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def check_state_path(path: Path) -> None:
+    """--state is rewritten all the time: refuse a path that is a folder or another file
+    (a typo must not overwrite README.md), before any node starts."""
+    if path.is_dir():
+        raise CanopyError(f"--state {path} is a directory; name a file, e.g. {path / 'state.json'}")
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and isinstance(data.get("nodes"), list)):
+        raise CanopyError(f"--state {path} exists and is not a `canopy sim` state file; name a new file")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise CanopyError("--duration must be a positive number of seconds")
+    if args.state:
+        check_state_path(Path(args.state))
     cfg = SimConfig(
         nodes=args.nodes, zones=args.zones, seed=args.seed, speed=args.speed, weather=args.weather,
         faults=[parse_fault(f) for f in args.fault], directory=Path(args.dir),
