@@ -14,7 +14,9 @@ import signal
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,11 +56,24 @@ def foreign_db(tmp_path: Path) -> Path:
     return path
 
 
+@dataclass
+class Frame:
+    kind: str
+    node: str
+    boot: int
+    seq: int
+    fields: dict[str, Any]
+
+
 @pytest.fixture
 def canopy_db(tmp_path: Path) -> Path:
+    """A store with one node and one reading of it."""
     path = tmp_path / "canopy.db"
     with Store(path) as store:
         store.upsert_node("n01", seen=1_795_000_000.0, zone="A")
+        store.add_frame(1_795_000_060.0, "/dev/pts/0", Frame("reading", "n01", 1, 1, {
+            "t_raw": 500000, "p_raw": 400000, "h_raw": 30000, "t": 2400, "p": 100000, "h": 40960, "shade": 0,
+            "mist": 0, "fan": 0, "faults": 0, "failsafe": 0, "tick": 1, "i_shade": 0, "i_mist": 0, "i_fan": 0}))
     return path
 
 
@@ -119,7 +134,7 @@ def test_random_or_empty_file_as_db(verb, extra, tmp_path, capsys, monkeypatch):
 
 def test_a_real_store_still_opens(canopy_db, capsys):
     code, out, err = run(capsys, "export", "--db", str(canopy_db))
-    assert code == 0 and out.startswith("time,rx_time,node")
+    assert code == 0 and out.startswith("time,rx_time,node") and len(out.splitlines()) == 2
     code, out, _ = run(capsys, "audit", "--db", str(canopy_db))
     assert code == 0 and "no audit entries match" in out
 
@@ -332,3 +347,34 @@ def test_flash_report_path_checked_before_flashing(tmp_path, capsys, monkeypatch
     code, out, err = run(capsys, "flash", "--board", "esp32-devkitc", "--firmware", str(_image(tmp_path)),
                          "--port", "socket://127.0.0.1:9", "--report", str(folder))
     assert code == 2 and "is a directory" in one_error_line(err, "flash") and not called and out == ""
+
+
+# -- plot / help ------------------------------------------------------------------------------
+
+def test_plot_unknown_quantity_is_named(canopy_db, tmp_path, capsys):
+    code, _, err = run(capsys, "plot", "--db", str(canopy_db), "--node", "n01", "--quantity", "temp",
+                       "-o", str(tmp_path / "x.png"))
+    line = one_error_line(err, "plot")
+    assert code == 2 and "readings have no temp" in line and "known: t," in line
+
+
+# Where each verb keeps its files by default: a new user must find them from --help.
+DEFAULT_FILES = {
+    "demo": ["var/demo"], "monitor": ["canopy-monitor.db"], "sim": ["var/sim", "state"],
+    "deploy": ["~/.config/canopy/nodes.json", "mesh_master.key"], "provision": ["~/.config/canopy/nodes.json"],
+    "repair": ["var/shadow.json", "canopy-monitor.db"], "audit": ["canopy-monitor.db"], "mesh": ["var/sim/state.json"],
+}
+
+
+def test_every_verb_help_has_an_example_and_its_files(capsys):
+    from canopy_host.cli import COMMAND_MODULES
+
+    for module in COMMAND_MODULES:
+        verb = module.rsplit(".", 1)[1].removesuffix("_cmd")
+        with pytest.raises(SystemExit) as exit_:
+            main([verb, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert exit_.value.code == 0
+        assert "example" in text and f"canopy {verb}" in text, verb
+        for where in DEFAULT_FILES.get(verb, []):
+            assert where in text, (verb, where)

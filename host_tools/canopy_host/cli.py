@@ -39,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Flash, monitor, repair and simulate Canopy nodes (ESP32 + BME280, MicroPython). "
             "Every verb works against virtual nodes too, so you can try it with no hardware."
         ),
-        epilog="Run `canopy VERB --help` for the options and examples of each verb.",
+        epilog=(
+            "Start with `canopy demo` (no hardware, about 40 s). `canopy VERB --help` has the options and "
+            "examples of each verb; docs/tutorial.md walks through all of them. Exit status: 0 done, "
+            "1 some node failed (flash, deploy, repair), 2 a mistake to fix (an option, file or port; "
+            "one line on stderr says which), 3 repair jobs still wait for an offline node, "
+            "130 interrupted (Ctrl-C)."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"canopy {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

@@ -24,7 +24,11 @@ EPILOG = """\
 units are the protocol's integers: t in 0.01 °C, p in Pa, h in 1/1024 %RH,
 shade/mist/fan in 0.01 % (0..10000); t_raw/p_raw/h_raw are BME280 ADC counts.
 
+Columns: time (UTC, ISO), rx_time (Unix seconds the host received the frame), node,
+boot (the node's boot counter), seq (frame number within the boot), then the quantities.
+
 examples:
+  canopy export --db var/demo/demo-20261125-233118.db | head     # a demo run
   canopy export --db canopy-monitor.db > all.csv
   canopy export --db canopy-monitor.db --node n01 --since 2h --quantity t,h -o n01.csv
   canopy export --db canopy-monitor.db --since 2026-11-25T20:00 --until 2026-11-25T21:00Z
@@ -121,7 +125,8 @@ def open_reader(path: str) -> sqlite3.Connection:
 
 
 def add_time_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--since", metavar="TIME", help="from this time: ISO (2026-11-25T21:30) or relative (10m, 2h, 1d)")
+    p.add_argument("--since", metavar="TIME",
+                   help="from this time: ISO (2026-11-25T21:30 local time, ...Z for UTC) or an age (10m, 2h, 1d)")
     p.add_argument("--until", metavar="TIME", help="up to this time (same formats)")
 
 
@@ -141,13 +146,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--db", required=True, metavar="FILE", help="database written by `canopy monitor`")
-    p.add_argument("--node", action="append", metavar="N", help="only this node (repeat for several)")
+    p.add_argument("--db", required=True, metavar="FILE",
+                   help="database written by `canopy monitor` (or `canopy demo`, which prints its file)")
+    p.add_argument("--node", action="append", metavar="N", help="only this node (repeat for several; default all)")
     add_time_filters(p)
     p.add_argument(
         "--quantity", metavar="Q,...", help=f"columns to export (default {','.join(DEFAULT_QUANTITIES)})"
     )
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout (overwritten)")
     p.set_defaults(func=run)
 
 

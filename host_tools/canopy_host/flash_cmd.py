@@ -32,14 +32,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n"
             "  canopy flash --board esp32-devkitc --firmware ESP32_GENERIC-v1.25.0.bin --port /dev/ttyUSB0\n"
-            "  canopy flash --board esp32-devkitc --firmware fw.bin --all --erase --report flash.json"
+            "  canopy flash --board esp32-devkitc --firmware fw.bin --all --erase --report flash.json\n"
+            "\n"
+            "Images: download the .bin for the board's chip from https://micropython.org/download/\n"
+            "(ESP32_GENERIC, ESP32_GENERIC_S3, ESP32_GENERIC_C3); the offset comes from boards/*.json.\n"
+            "Progress bars count the compressed bytes sent. Ctrl-C lets the writes under way finish\n"
+            "(a board cut off mid-write does not boot); a second Ctrl-C abandons them. Without a\n"
+            "board: the fake ROM bootloader in tests/fake_esp (docs/flashing.md, 'Trying it without\n"
+            "hardware'). Exit status: 0 every node ok, 1 some node failed or was refused."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--board", required=True, help="board name from boards/ (e.g. esp32-devkitc)")
     p.add_argument("--firmware", required=True, type=Path, metavar="IMAGE.bin", help="MicroPython firmware .bin")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--port", action="append", metavar="PORT", help="serial port (repeat for several nodes)")
+    target.add_argument("--port", action="append", metavar="PORT",
+                        help="serial port or pyserial URL such as socket://host:port (repeat for several nodes)")
     target.add_argument("--all", action="store_true", help="every connected port whose USB id matches --board")
     p.add_argument("--erase", action="store_true", help="erase the whole flash first (wipes the filesystem)")
     p.add_argument("--baud", type=int, default=DEFAULT_BAUD, help=f"transfer baud rate (default {DEFAULT_BAUD}); lower rates are tried on errors")

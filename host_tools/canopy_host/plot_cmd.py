@@ -23,6 +23,7 @@ SCALES: dict[str, tuple[float, str]] = {
 
 EPILOG = """\
 examples:
+  canopy plot --db var/demo/demo-20261125-233118.db --zone A -o zone-a.png   # a demo run
   canopy plot --db canopy-monitor.db --node n01 -o n01-temp.png
   canopy plot --db canopy-monitor.db --zone A --quantity h --since 1h -o zone-a-rh.png
   canopy plot --db canopy-monitor.db --node n01 --quantity t,shade -o n01.png
@@ -37,13 +38,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--db", required=True, metavar="FILE", help="database written by `canopy monitor`")
+    p.add_argument("--db", required=True, metavar="FILE",
+                   help="database written by `canopy monitor` (or `canopy demo`, which prints its file)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--node", action="append", metavar="N", help="this node (repeat for several)")
-    who.add_argument("--zone", metavar="Z", help="every node of this zone (zones come from the sim state)")
-    p.add_argument("--quantity", default="t", metavar="Q,...", help="what to plot (default t; e.g. t,h,shade)")
+    who.add_argument("--zone", metavar="Z", help="every node of this zone (as the database recorded it from the nodes)")
+    p.add_argument("--quantity", default="t", metavar="Q,...", help="what to plot, one panel each (default t; any of t,p,h,shade,mist,fan or another "
+                        "reading field, e.g. t_raw)")
     add_time_filters(p)
-    p.add_argument("-o", "--output", required=True, metavar="FILE.png", help="PNG file to write")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.png", help="PNG file to write (overwritten); times on the x axis are UTC")
     p.set_defaults(func=run)
 
 
@@ -90,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         con.close()
     empty = [q for q in quantities if not series[q]]
+    unknown = [q for q in empty if q not in READING_COLUMNS]
+    if unknown and len(empty) == len(quantities):
+        raise CanopyError(f"--quantity: readings have no {', '.join(unknown)} (known: {', '.join(READING_COLUMNS)})")
     if len(empty) == len(quantities):
         raise CanopyError(f"nothing to plot: no readings with {', '.join(quantities)} for {label} in that time range")
 

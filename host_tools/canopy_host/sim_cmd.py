@@ -27,6 +27,11 @@ by the firmware's world; disconnect (unplug for DURATION), reboot (power cut for
 garbage (VALUE random bytes, repeated for DURATION) and garbage_inline (the same, spliced
 into the middle of the next frame line) by this supervisor. T and DURATION are
 simulated seconds since boot (wall seconds = simulated / --speed).
+
+Each node's flash is DIR/<node>/ (kept between runs; --fresh wipes it). The state file
+lists ports, pids and the key file, for `canopy monitor/deploy/repair --sim-state` and
+`sim:NODE` port names. Stopping: Ctrl-C, or from another shell `kill PID` (SIGTERM), which
+is what `kill %1` does for `canopy sim ... &`; a background job never sees Ctrl-C.
 """
 
 
