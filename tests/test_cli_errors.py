@@ -378,3 +378,18 @@ def test_every_verb_help_has_an_example_and_its_files(capsys):
         assert "example" in text and f"canopy {verb}" in text, verb
         for where in DEFAULT_FILES.get(verb, []):
             assert where in text, (verb, where)
+
+
+def test_an_unexpected_os_error_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    # e.g. a full disk or a permission no verb foresaw: the machine's answer, with the file
+    from canopy_host import ports_cmd
+
+    full = tmp_path / "out.csv"
+
+    def no_space(args):
+        raise OSError(28, "No space left on device", str(full))
+
+    monkeypatch.setattr(ports_cmd, "run", no_space)  # main() builds its parser per call
+    code, _, err = run(capsys, "ports")
+    assert code == 1
+    assert "No space left on device" in one_error_line(err, "ports") and str(full) in err

@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"canopy {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # The machine said no (permissions, a full disk, a path that is a folder) where no
+        # verb expected it: one line naming the file, not a traceback. Bugs still raise.
+        where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
+        print(f"canopy {args.verb}: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
