@@ -91,3 +91,14 @@ def test_provision_that_fails_leaves_the_app_running(keyed, tmp_path, capsys, mo
     code, _, err = run(capsys, "provision", "--port", keyed["port"], "--master-key", str(keyed["key"]))
     assert code == 2 and "--board" in err
     assert b"@CNP1" in _frames_after(keyed["port"], 8.0)  # the node is back at work, not at the REPL
+
+
+def test_provision_refuses_a_chip_board_for_a_virtual_node(keyed, tmp_path, capsys, monkeypatch):
+    registry = tmp_path / "nodes.json"
+    monkeypatch.setenv("CANOPY_REGISTRY", str(registry))
+    code, out, err = run(capsys, "provision", "--port", keyed["port"], "--board", "esp32-devkitc",
+                         "--master-key", str(keyed["key"]))
+    assert code == 2 and out == ""
+    assert "does not fit this node" in err and "--board unix-sim" in err
+    assert not registry.exists()  # the wrong board was not recorded
+    assert b"@CNP1" in _frames_after(keyed["port"], 8.0)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import registry
-from .boards import load_board
+from .boards import Board, load_board
 from .deploy import SCAN_TIMEOUT_S, connect, guarded, usb_info
 from .errors import CanopyError
 from .deploy_cmd import check_ports_exist, master_key
@@ -50,6 +50,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_board_fits(board: Board, platform: str) -> None:
+    """A virtual board for a chip, or a chip's board for a virtual node, is a mix-up the
+    node can tell us about (sys.platform): the registry would carry the wrong board and
+    the next deploy would copy code built for the wrong machine."""
+    virtual = board.chip == "unix"
+    if virtual != (platform == "linux"):
+        runs_on = "the unix port (a virtual node)" if platform == "linux" else f"{platform} (a real chip)"
+        want = "--board unix-sim" if platform == "linux" else "the board's own --board (see `canopy ports`)"
+        raise CanopyError(f"--board {board.name} does not fit this node: it runs MicroPython on {runs_on}; "
+                          f"use {want}")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list:
         reg = registry.Registry.load(args.registry, strict=True)
@@ -69,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         board = args.board or reg.nodes.get(reg.by_mac(facts.mac) or "", {}).get("board")
         if not board:
             raise CanopyError(f"new board (MAC {facts.mac}): say which it is with --board")
+        check_board_fits(load_board(board), facts.platform)
         with guarded(t, SCAN_TIMEOUT_S, "provisioning"):
             result = provision_node(t, board, master, zone=args.zone, node_id=args.node_id,
                                     registry_path=args.registry, usb_serial=args.usb_serial or serial_no,
