@@ -393,3 +393,26 @@ def test_an_unexpected_os_error_is_one_line_not_a_traceback(tmp_path, capsys, mo
     code, _, err = run(capsys, "ports")
     assert code == 1
     assert "No space left on device" in one_error_line(err, "ports") and str(full) in err
+
+
+def test_deploy_ctrl_c_lets_the_deploys_finish_and_reports(tmp_path, capsys, monkeypatch):
+    from canopy_host import deploy
+
+    monkeypatch.setenv("CANOPY_REGISTRY", str(tmp_path / "nodes.json"))
+    key = tmp_path / "master.key"
+    key.write_text("5a" * 32 + "\n")
+    monkeypatch.setenv("CANOPY_MASTER_KEY_FILE", str(key))
+    finished = threading.Event()
+
+    def slow_deploy(ports, board, master, **kw):  # stands in for the copy over the raw REPL
+        time.sleep(1.0)
+        finished.set()
+        return [deploy.NodeReport(port=p, board=board.name, node_id="n01", flashed=True) for p in ports]
+
+    monkeypatch.setattr(deploy, "deploy_nodes", slow_deploy)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    code, out, err = run(capsys, "deploy", "--board", "unix-sim", "--port", "/dev/null", "--no-check", "--quiet")
+    assert finished.is_set()
+    assert code == 130
+    assert "letting the deploys under way finish" in err and "interrupted" in err
+    assert [n["flashed"] for n in json.loads(out)["nodes"]] == [True]

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from . import deploy
 from .boards import load_board
 from .errors import CanopyError
+from .flash_cmd import finish_on_interrupt
 from .paths import FIRMWARE_DIR
 from .ports import ports_for_board
 from .provision import default_master_key_path, load_master_key
@@ -80,6 +81,11 @@ class _Bar(deploy.Progress):
 
     def advance(self, nbytes: int) -> None:
         self._p.advance(self._task, nbytes)
+
+
+CTRL_C = ("canopy deploy: Ctrl-C: letting the deploys under way finish (a node cut off mid-deploy is left "
+          "at its prompt, not running its app); Ctrl-C again to abandon them",
+          "canopy deploy: abandoned; deploy those nodes again (they may not be running their app)")
 
 
 def missing_port(port: str) -> str | None:
@@ -204,12 +210,15 @@ def run(args: argparse.Namespace) -> int:
     kw = dict(zone=args.zone, node_id=args.node_id, registry_path=args.registry, check=not args.no_check,
               firmware_dir=args.firmware_dir, counter_file=args.counter_file, gateway=gateway)
     if args.quiet:
-        reports = deploy.deploy_nodes(ports, board, master, **kw)
+        reports, interrupted = finish_on_interrupt(lambda: deploy.deploy_nodes(ports, board, master, **kw),
+                                                   lambda text: print(text, file=sys.stderr, flush=True), CTRL_C)
     else:
         columns = (TextColumn("{task.fields[port]}", style="bold"), BarColumn(), DownloadColumn(),
                    TextColumn("{task.fields[status]}"))
         with Progress(*columns, console=console, transient=False) as progress:
-            reports = deploy.deploy_nodes(ports, board, master, make_progress=lambda p: _Bar(progress, p), **kw)
+            reports, interrupted = finish_on_interrupt(
+                lambda: deploy.deploy_nodes(ports, board, master, make_progress=lambda p: _Bar(progress, p), **kw),
+                lambda text: progress.console.print(text, markup=False, highlight=False), CTRL_C)
     for r in reports:  # one missing port fails its node only; the others are deployed
         why = None if r.flashed else missing_port(r.port)
         if why:
@@ -226,5 +235,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [r for r in reports if not (r.healthy or (args.no_check and r.flashed))]
     if bad:
         console.print(f"[red]{len(bad)} of {len(reports)} node(s) not healthy[/red]")
-        return 1
-    return 0
+    if interrupted:
+        console.print("canopy deploy: interrupted (the deploys under way were finished; see the report)")
+        return 130
+    return 1 if bad else 0

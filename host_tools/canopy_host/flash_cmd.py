@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
@@ -103,37 +103,46 @@ def _summary(console: Console, reports: list[NodeReport]) -> None:
                 console.print(f"        try: {r.hint}")
 
 
-def _finish_on_interrupt(work: Callable[[], list[NodeReport]], say: Callable[[str], None]) -> tuple[list[NodeReport], bool]:
-    """Run `work` in a thread. The first Ctrl-C lets the writes under way finish (a write
-    cut short leaves a board that does not boot until it is flashed again) and says so; a
-    second one abandons them. Returns the reports and whether Ctrl-C was pressed."""
+T = TypeVar("T")
+
+FLASH_CTRL_C = ("canopy flash: Ctrl-C: letting the writes under way finish (a board cut off mid-write does not "
+                "boot until flashed again); Ctrl-C again to abandon them",
+                "canopy flash: abandoned; flash the boards again (`canopy flash ...`) before using them")
+
+
+def finish_on_interrupt(work: Callable[[], T], say: Callable[[str], None],
+                        texts: tuple[str, str] = FLASH_CTRL_C) -> tuple[T, bool]:
+    """Run `work` (the per-node threads) in a thread of its own. The first Ctrl-C lets the
+    node operations under way finish and says so (`texts[0]`): cut short, they leave a
+    node that does not boot or does not run its app; the caller then still reports what
+    was done. A second Ctrl-C says `texts[1]` and leaves at once. Returns work's result
+    and whether Ctrl-C was pressed."""
     box: dict[str, Any] = {}
     done = threading.Event()  # not Thread.join: a join cut by Ctrl-C can misreport the thread (3.11)
 
     def target() -> None:
         try:
-            box["reports"] = work()
+            box["result"] = work()
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
         finally:
             done.set()
 
-    threading.Thread(target=target, name="flash-main", daemon=True).start()
+    threading.Thread(target=target, name="canopy-nodes", daemon=True).start()
     interrupted = False
     while not done.is_set():
         try:
             done.wait(0.2)
         except KeyboardInterrupt:
             if interrupted:
-                say("canopy flash: abandoned; flash the boards again (`canopy flash ...`) before using them")
+                say(texts[1])
                 sys.stderr.flush()
-                os._exit(130)  # the esptool threads cannot be cancelled; leave without them
+                os._exit(130)  # the per-node threads cannot be cancelled; leave without them
             interrupted = True
-            say("canopy flash: Ctrl-C: letting the writes under way finish (a board cut off mid-write does not "
-                "boot until flashed again); Ctrl-C again to abandon them")
+            say(texts[0])
     if "error" in box:
         raise box["error"]
-    return box["reports"], interrupted
+    return box["result"], interrupted
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.quiet:
         sinks: dict[str, _QuietSink | _BarSink] = {}
-        reports, interrupted = _finish_on_interrupt(
+        reports, interrupted = finish_on_interrupt(
             lambda: flash_nodes(ports, board, image, args.baud, args.erase, args.connect_attempts,
                                 make_sink=lambda p: sinks.setdefault(p, _QuietSink())),
             lambda text: print(text, file=sys.stderr, flush=True))
@@ -166,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             TextColumn("{task.fields[status]}"),
         )
         with Progress(*columns, console=console, transient=False) as progress:
-            reports, interrupted = _finish_on_interrupt(
+            reports, interrupted = finish_on_interrupt(
                 lambda: flash_nodes(ports, board, image, args.baud, args.erase, args.connect_attempts,
                                     make_sink=lambda p: _BarSink(progress, p)),
                 lambda text: progress.console.print(text, markup=False, highlight=False))
