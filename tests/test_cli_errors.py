@@ -416,3 +416,11 @@ def test_deploy_ctrl_c_lets_the_deploys_finish_and_reports(tmp_path, capsys, mon
     assert code == 130
     assert "letting the deploys under way finish" in err and "interrupted" in err
     assert [n["flashed"] for n in json.loads(out)["nodes"]] == [True]
+
+
+def test_repair_says_how_long_it_will_retry(shadow, tmp_path, capsys):
+    # /dev/null opens as no serial port: the node is offline, its job waits
+    code, out, err = run(capsys, "repair", "--shadow", str(shadow), "--port", "n01=/dev/null",
+                         "--db", str(tmp_path / "j.db"), "--deadline", "1", "--timeout", "0.3")
+    assert code == 3 and "PENDING" in out
+    assert "retrying n01 for up to 1 s (--deadline)" in err and "next run resumes" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,19 @@ def execute(args: argparse.Namespace, shadow: Any, ports: dict[str, str], findin
             mine = {j.id for j in journal.open_jobs()}  # resumed from an earlier run
             mine |= {j.id for j in engine.submit(p)}
             shadow.save()  # findings folded into the desired state stay there
-            engine.run(deadline_s=args.deadline)
+            now = time.time()
+            waiting = sorted({j.node for j in journal.open_jobs()
+                              if j.id in mine and (actual.get(j.node) is None or j.next_try > now)})
+            if waiting and args.deadline > 0:
+                # The engine retries quietly with backoff: say how long this may take.
+                print(f"canopy repair: retrying {', '.join(waiting)} for up to {args.deadline:g} s (--deadline); "
+                      "Ctrl-C stops, the jobs stay journaled and the next run resumes them", file=sys.stderr)
+            try:
+                engine.run(deadline_s=args.deadline)
+            except KeyboardInterrupt:
+                print("canopy repair: stopped; unfinished jobs stay journaled (`canopy audit`), the next "
+                      "`canopy repair` resumes them", file=sys.stderr)
+                raise
             jobs = [j for j in journal.jobs() if j.id in mine]
         finally:
             journal.close()
