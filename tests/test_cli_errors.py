@@ -424,3 +424,11 @@ def test_repair_says_how_long_it_will_retry(shadow, tmp_path, capsys):
                          "--db", str(tmp_path / "j.db"), "--deadline", "1", "--timeout", "0.3")
     assert code == 3 and "PENDING" in out
     assert "retrying n01 for up to 1 s (--deadline)" in err and "next run resumes" in err
+
+
+@pytest.mark.parametrize("option", (["--duration", "nan"], ["--duration", "-1"], ["--speed", "nan"],
+                                    ["--speed", "inf"]))
+def test_sim_numbers_are_checked_before_nodes_start(option, tmp_path, capsys):
+    code, _, err = run(capsys, "sim", "--nodes", "1", "--dir", str(tmp_path / "sim"), *option)
+    assert code == 2 and option[0] in one_error_line(err, "sim")
+    assert not (tmp_path / "sim").exists()

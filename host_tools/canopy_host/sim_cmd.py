@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -100,8 +101,10 @@ def check_state_path(path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.duration is not None and args.duration <= 0:
+    if args.duration is not None and not args.duration > 0:  # `not >` also refuses nan
         raise CanopyError("--duration must be a positive number of seconds")
+    if not math.isfinite(args.speed):
+        raise CanopyError(f"--speed must be a finite number (0 = as fast as possible), not {args.speed}")
     if args.state:
         check_state_path(Path(args.state))
     cfg = SimConfig(
