@@ -432,3 +432,16 @@ def test_sim_numbers_are_checked_before_nodes_start(option, tmp_path, capsys):
     code, _, err = run(capsys, "sim", "--nodes", "1", "--dir", str(tmp_path / "sim"), *option)
     assert code == 2 and option[0] in one_error_line(err, "sim")
     assert not (tmp_path / "sim").exists()
+
+
+def test_repair_does_not_wait_for_a_node_it_has_no_port_for(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shadow = tmp_path / "shadow.json"
+    shadow.write_text(json.dumps({"config": {}, "nodes": {"n01": {}, "n09": {}}}))
+    db = tmp_path / "j.db"
+    code, out, err = run(capsys, "repair", "--shadow", str(shadow), "--port", "n01=/dev/null", "--db", str(db),
+                         "--deadline", "0", "--timeout", "0.3")
+    assert "n09: skipped: no port for it" in out
+    con = sqlite3.connect(db)
+    assert {r[0] for r in con.execute("SELECT node FROM repair_jobs")} == {"n01"}  # n09 not journaled
+    con.close()

@@ -179,7 +179,13 @@ def execute(args: argparse.Namespace, shadow: Any, ports: dict[str, str], findin
     try:
         actual = {}
         refused: list[str] = []
+        # A shadow node no port leads to (not in the sim state, no --port) cannot be
+        # reached this run; waiting for it until --deadline would help nobody.
+        unreachable = [n for n in shadow.node_ids() if n not in ports]
         for node in shadow.node_ids():
+            if node in unreachable:
+                actual[node] = None
+                continue
             try:
                 actual[node] = status(client, node)
             except NodeRefused as exc:
@@ -196,6 +202,11 @@ def execute(args: argparse.Namespace, shadow: Any, ports: dict[str, str], findin
             # until --deadline and then wait forever helps nobody.
             raise CanopyError(_auth_hint(refused, auth is not None))
         p = plan(shadow, actual, findings)
+        if unreachable:
+            # Not journaled: the plan is made from the shadow again on the next run.
+            p.skipped += [(n, "no port for it (not in the --sim-state file, no --port NODE=PORT); planned "
+                              "again when a run can reach it") for n in unreachable if any(s.node == n for s in p.steps)]
+            p.steps = [s for s in p.steps if s.node not in unreachable]
         if args.json:
             print(json.dumps({"dry_run": args.dry_run,
                               "steps": [{"node": s.node, "action": s.action, "target": s.target, "reason": s.reason}
