@@ -314,3 +314,16 @@ def test_deploy_in_thread_does_not_block_others(sup) -> None:
                                   registry_path=Path(sup.cfg.directory) / "reg-par.json")
     assert [r.port for r in reports] == ports and all(r.flashed for r in reports)
     assert {s.split(":", 1)[0] for s in seen} == set(ports)
+
+
+def test_a_chip_board_is_refused_on_a_virtual_node_before_anything_is_copied(sup, tmp_path: Path) -> None:
+    node = sup.nodes[1]
+    before = {p.relative_to(node.folder): p.read_bytes() for p in node.folder.rglob("*") if p.is_file()
+              and p.suffix in (".py", ".mpy")}
+    board = load_board("esp32-devkitc")
+    r = deploy.deploy_node(node.port, board, deploy.build_bundle(board), MASTER, registry_path=tmp_path / "r.json",
+                           check=False)
+    assert not r.healthy and "does not fit this node" in (r.error or "") and "unix-sim" in r.error
+    after = {p.relative_to(node.folder): p.read_bytes() for p in node.folder.rglob("*") if p.is_file()
+             and p.suffix in (".py", ".mpy")}
+    assert after == before and not any(p.suffix == ".mpy" for p in after)

@@ -660,6 +660,7 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
         with guarded(t, SCAN_TIMEOUT_S, "reading the node's MAC"):
             facts = _prov.read_facts(t)
         report.mac = facts.mac
+        _prov.check_board_fits(board, facts.platform)  # before any file of the wrong arch is copied
         sync_files(t, bundle, report, progress)
         progress.stage("provisioning")
         if usb_serial is None and location is None:

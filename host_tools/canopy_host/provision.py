@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry as _registry
+from .boards import Board
 from .errors import CanopyError
 
 from .security import KEY_FILE_NAME, derive_node_key, key_file_text
@@ -75,6 +76,18 @@ def _canopy_probe(identity_file):
     print(json.dumps(r))
 _canopy_probe(%r)
 """
+
+
+def check_board_fits(board: Board, platform: str) -> None:
+    """A virtual board for a chip, or a chip's board for a virtual node, is a mix-up the
+    node can tell us about (sys.platform): the registry would carry the wrong board and
+    a deploy would copy code built for the wrong machine."""
+    virtual = board.chip == "unix"
+    if virtual != (platform == "linux"):
+        runs_on = "the unix port (a virtual node)" if platform == "linux" else f"{platform} (a real chip)"
+        want = "--board unix-sim" if platform == "linux" else "the board's own --board (see `canopy ports`)"
+        raise CanopyError(f"--board {board.name} does not fit this node: it runs MicroPython on {runs_on}; "
+                          f"use {want}")
 
 
 @dataclass

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from . import registry
-from .boards import Board, load_board
+from .boards import load_board
 from .deploy import SCAN_TIMEOUT_S, connect, guarded, usb_info
 from .errors import CanopyError
 from .deploy_cmd import check_ports_exist, master_key
-from .provision import provision_node, read_facts
+from .provision import check_board_fits, provision_node, read_facts
 from .transport import resolve_port
 
 
@@ -48,18 +48,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="mesh master key file (default $CANOPY_MASTER_KEY_FILE or ~/.config/canopy/mesh_master.key; created if missing)")
     p.add_argument("--sim-state", metavar="FILE", help="`canopy sim` state file for sim:NODE ports")
     p.set_defaults(func=run)
-
-
-def check_board_fits(board: Board, platform: str) -> None:
-    """A virtual board for a chip, or a chip's board for a virtual node, is a mix-up the
-    node can tell us about (sys.platform): the registry would carry the wrong board and
-    the next deploy would copy code built for the wrong machine."""
-    virtual = board.chip == "unix"
-    if virtual != (platform == "linux"):
-        runs_on = "the unix port (a virtual node)" if platform == "linux" else f"{platform} (a real chip)"
-        want = "--board unix-sim" if platform == "linux" else "the board's own --board (see `canopy ports`)"
-        raise CanopyError(f"--board {board.name} does not fit this node: it runs MicroPython on {runs_on}; "
-                          f"use {want}")
 
 
 def run(args: argparse.Namespace) -> int:
