@@ -83,6 +83,7 @@ READERS = (
     ("export", []),
     ("plot", ["--node", "n01", "-o", "x.png"]),
     ("audit", []),
+    ("consensus", []),
 )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import CanopyError
-from .store import READING_COLUMNS, decode_fields, iter_frames, known_nodes, open_db
+from .store import READING_COLUMNS, check_db_file, decode_fields, iter_frames, known_nodes, open_db
 
 DEFAULT_QUANTITIES = ("t", "p", "h", "shade", "mist", "fan", "faults", "failsafe")
 _RELATIVE = re.compile(r"^-?\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)$", re.IGNORECASE)
@@ -71,51 +71,6 @@ def parse_quantities(text: str | None) -> list[str]:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", q):
             raise CanopyError(f"--quantity: {q!r} is not a field name (known: {', '.join(READING_COLUMNS)})")
     return names
-
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def check_db_file(path: str, *, writing: bool = False) -> None:
-    """Refuse a --db that is not a canopy store BEFORE SQLite touches it.
-
-    Opening a file through the store switches it to WAL mode (and, for writers, adds the
-    canopy tables), so a mistyped --db naming another program's database, a directory or a
-    random file must be caught here, read-only. A missing file is left to the store (it
-    creates one for writers and names the problem for readers); `writing` also accepts an
-    empty file or an SQLite file without tables, which the store initialises."""
-    p = Path(path)
-    if p.is_dir():
-        raise CanopyError(f"--db {path!r} is a directory; name a database file, e.g. {p / 'canopy-monitor.db'}")
-    if not p.exists():
-        return
-    try:
-        with open(p, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-    except OSError as exc:
-        raise CanopyError(f"cannot read database {path!r}: {exc.strerror}") from None
-    if not head:
-        if writing:
-            return
-        raise CanopyError(f"{path!r} is an empty file, not a canopy monitor database (record one with "
-                          "`canopy monitor --db FILE`)")
-    if head != SQLITE_MAGIC:
-        raise CanopyError(f"{path!r} is not a canopy monitor database (not an SQLite file at all)")
-    try:
-        con = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
-        try:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as exc:
-        raise CanopyError(f"cannot use database {path!r}: {exc}") from None
-    if "meta" in tables or (writing and not tables):
-        return  # the store checks the schema version itself
-    if not tables:
-        raise CanopyError(f"{path!r} holds no canopy data (an empty SQLite file); record with "
-                          "`canopy monitor --db FILE`")
-    raise CanopyError(f"{path!r} is another program's SQLite database (tables: {', '.join(sorted(tables)[:5])}), "
-                      "not a canopy monitor database; name another --db file")
 
 
 def open_reader(path: str) -> sqlite3.Connection:

@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         from . import protocol  # fail early, not inside every reader
     except ImportError as exc:
         raise CanopyError(f"the protocol module is not available: {exc}") from None
-    from .export_cmd import check_db_file
+    from .store import check_db_file
 
     check_db_file(args.db, writing=True)  # before the ports: a typo must not cost a session
     specs = _collect_specs(args)

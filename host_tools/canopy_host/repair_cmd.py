@@ -172,7 +172,7 @@ def execute(args: argparse.Namespace, shadow: Any, ports: dict[str, str], findin
         auth = HostAuth(load_master_key(Path(args.master_key)),
                         Path(args.counter_file) if args.counter_file else DEFAULT_COUNTER_FILE)
     if not args.dry_run:
-        from .export_cmd import check_db_file
+        from .store import check_db_file
 
         check_db_file(args.db, writing=True)  # the journal goes there
     client = SerialClient(ports, timeout=args.timeout, state_file=args.sim_state, auth=auth)

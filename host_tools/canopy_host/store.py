@@ -203,8 +203,55 @@ def frame_row(rx_time: float, port: str, frame: FrameLike) -> tuple[Any, ...]:
     return (rx_time, port, kind, extra, frame.node, frame.boot, frame.seq, *values)
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_db_file(path: str, *, writing: bool = False) -> None:
+    """Refuse a database file that is not a canopy store BEFORE SQLite touches it.
+
+    Opening a file through the store switches it to WAL mode (and, for writers, adds the
+    canopy tables), so a mistyped --db naming another program's database, a directory or a
+    random file must be caught here, read-only. A missing file is left to the store (it
+    creates one for writers and names the problem for readers); `writing` also accepts an
+    empty file or an SQLite file without tables, which the store initialises."""
+    p = Path(path)
+    if p.is_dir():
+        raise CanopyError(f"{path!r} is a directory; name a database file, e.g. {p / 'canopy-monitor.db'}")
+    if not p.exists():
+        return
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise CanopyError(f"cannot read database {path!r}: {exc.strerror}") from None
+    if not head:
+        if writing:
+            return
+        raise CanopyError(f"{path!r} is an empty file, not a canopy monitor database (record one with "
+                          "`canopy monitor --db FILE`)")
+    if head != SQLITE_MAGIC:
+        raise CanopyError(f"{path!r} is not a canopy monitor database (not an SQLite file at all)")
+    try:
+        con = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise CanopyError(f"cannot use database {path!r}: {exc}") from None
+    if "meta" in tables or (writing and not tables):
+        return  # the store checks the schema version itself
+    if not tables:
+        raise CanopyError(f"{path!r} holds no canopy data (an empty SQLite file); record with "
+                          "`canopy monitor --db FILE`")
+    raise CanopyError(f"{path!r} is another program's SQLite database (tables: {', '.join(sorted(tables)[:5])}), "
+                      "not a canopy monitor database; name another --db file")
+
+
 def open_db(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
-    """A connection to a store file with the schema in place (created if `create`)."""
+    """A connection to a store file with the schema in place (created if `create`).
+    Anything that is not a canopy store is refused untouched (check_db_file)."""
+    check_db_file(str(path), writing=create)
     p = Path(path)
     if not create and not p.is_file():
         raise CanopyError(f"database {str(path)!r} does not exist (record one with `canopy monitor --db FILE`)")
