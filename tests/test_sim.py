@@ -66,9 +66,12 @@ def test_fault_spec_parsing() -> None:
     assert parse_fault("all:garbage=32").node == "all"
     assert parse_fault("*:reboot@5").node == "all"
     assert parse_fault("n01:spike=-4.5@10").sim_json() == {"at_s": 10.0, "kind": "spike", "duration_s": 0.0, "value": -4.5}
-    for bad in ("n01", "n01:melt@3", "n01:stuck@", "n01:stuck@x", ":stuck", "n01:stuck/3/4"):
+    for bad in ("n01", "n01:melt@3", "n01:stuck@", "n01:stuck@x", ":stuck", "n01:stuck/3/4",
+                "n01:garbage=-3", "n01:garbage=0", "n01:garbage=2.5", "n01:garbage_inline=1e9",
+                "n01:spike=1e999", "n01:spike=500", "n01:drift=1e999", "n01:stuck@1e999"):
         with pytest.raises(CanopyError):
             parse_fault(bad)
+    assert parse_fault("n01:garbage=4096").value == 4096 and parse_fault("n01:spike=-40").value == -40
 
 
 def test_bad_options_are_clear_errors(tmp_path: Path) -> None:

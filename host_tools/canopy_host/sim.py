@@ -30,6 +30,7 @@ import ast
 import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -61,6 +62,8 @@ FAULT_KINDS = SENSOR_FAULTS + SERIAL_FAULTS
 DEFAULT_VALUE = {"drift": 0.02, "spike": 5.0, "garbage": 64, "garbage_inline": 16}
 DEFAULT_DURATION_S = {"disconnect": 10.0, "reboot": 0.0, "garbage": 0.0, "garbage_inline": 0.0, "spike": 0.0}
 FOREVER_S = 10**9  # "until the run ends", kept numeric so the firmware needs no None case
+MAX_GARBAGE_BYTES = 4096  # per burst: beyond it a "garbage" fault only floods the pty
+MAX_SPIKE_C = 100.0  # beyond the BME280's range (-40..85 °C) a spike is just a clipped reading
 
 RESET_STATUS = 3  # exit status the boot shim and the simulated HAL use for a hard reset
 RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n"
@@ -115,13 +118,18 @@ def parse_fault(text: str) -> FaultSpec:
         node = "all"
     elif node.isdigit():
         node = node_id(int(node))
-    return FaultSpec(
-        node=node,
-        kind=kind,
-        at_s=float(m["at"]) if m["at"] else 0.0,
-        duration_s=float(m["dur"]) if m["dur"] else None,
-        value=float(m["value"]) if m["value"] else None,
-    )
+    at_s = float(m["at"]) if m["at"] else 0.0
+    duration_s = float(m["dur"]) if m["dur"] else None
+    value = float(m["value"]) if m["value"] else None
+    for what, x in (("time", at_s), ("duration", duration_s), ("value", value)):
+        if x is not None and not math.isfinite(x):
+            raise CanopyError(f"bad --fault {text!r}: the {what} must be a finite number")
+    if kind in ("garbage", "garbage_inline") and value is not None and not (1 <= value <= MAX_GARBAGE_BYTES
+                                                                           and value == int(value)):
+        raise CanopyError(f"bad --fault {text!r}: {kind}=N is a byte count, 1..{MAX_GARBAGE_BYTES}")
+    if kind == "spike" and value is not None and abs(value) > MAX_SPIKE_C:
+        raise CanopyError(f"bad --fault {text!r}: a spike is at most {MAX_SPIKE_C:g} °C")
+    return FaultSpec(node=node, kind=kind, at_s=at_s, duration_s=duration_s, value=value)
 
 
 def node_id(index: int, count: int = 1) -> str:
