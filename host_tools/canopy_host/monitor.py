@@ -57,6 +57,9 @@ SEQ_MODULUS = 0x40000000
 RATE_WINDOW_S = 10.0
 MAX_TEXT_LINE = 500
 MAX_GAP_RANGES = 1000  # kept in memory per node for the summary
+# frames behind a node's newest: an authentic copy arriving through a second port within
+# this is the mesh relaying it (Collector._relayed_copy); the host replay window's size
+RELAY_WINDOW = 64
 # where a run row (FrameParser.feed_run) keeps its seq and its values
 _ROW_SEQ = len(FRAME_ROW_HEAD) + 2
 _ROW_VALUES = len(FRAME_ROW_HEAD) + 3
@@ -268,6 +271,9 @@ class PortState:
     status: str = "waiting"
     counters: dict[str, int] = field(default_factory=lambda: {k: 0 for k, _ in PARSER_COUNTERS})
     seen: dict[str, int] = field(default_factory=lambda: {k: 0 for k, _ in PARSER_COUNTERS})
+    # nodes whose frames came through this port since it (re)connected: one for a wired
+    # node, several for a mesh gateway, which relays every node's frames (docs/mesh.md)
+    nodes_here: set[str] = field(default_factory=set)
     # Collector._frames' shortcut across reads: the node state of this port's last frame,
     # dropped (Collector._unfast) when anything else touches that node or this port.
     fast: Any = field(default=None, repr=False, compare=False)
@@ -306,6 +312,11 @@ class NodeState:
     sec_rejects: int = 0
     security: dict[str, int] = field(default_factory=dict)
     node_sec_rejects: int = 0
+    # Ports its accepted frames came through, and authentic copies of frames already
+    # accepted that arrived through another one (a node followed both directly and
+    # through the mesh gateway): counted, not stored, not a security alarm.
+    paths: set[str] = field(default_factory=set)
+    relayed: int = 0
 
     def rate(self, now: float) -> float:
         """Frames per second over the last RATE_WINDOW_S seconds."""
@@ -397,6 +408,7 @@ class Collector:
             ps.path = path
             ps.connected = True
             ps.connects += 1
+            ps.nodes_here = {ps.node} if ps.node else set()
             ps.status = "connected"
             self._event(rx, ps, "connect", detail=path)
             st = self._port_node(ps)
@@ -568,6 +580,8 @@ class Collector:
                 if verdict != "ok":
                     if pending is not None:
                         fast.last_reading, pending = dict(zip(READING_KEYS, map(int, pending))), None  # type: ignore[union-attr]
+                    if verdict == "replay" and self._relayed_copy(ps, f):
+                        continue
                     self._rejected(ps, f, verdict, rx)
                     fast = None
                     continue
@@ -611,12 +625,16 @@ class Collector:
 
     def _frame(self, ps: PortState, f: Any, rx: float, rows: list[tuple[Any, ...]]) -> None:
         if ps.node != f.node:
-            if ps.node is not None:
+            # A gateway interleaves every node's frames: only a node new to this port since
+            # it connected is news (another board on the cable, or one more mesh node).
+            if ps.node is not None and f.node not in ps.nodes_here:
                 self._event(rx, ps, "node_changed", detail=f"{ps.node} -> {f.node}")
             ps.node = f.node
+        ps.nodes_here.add(f.node)
         st = self._node(f.node, ps)
         st.connected = True
         port = ps.path or ps.spec.label
+        st.paths.add(port)
         if st.boot is None:
             st.boot = f.boot
             st.last_seq = f.seq
@@ -682,6 +700,19 @@ class Collector:
         if self.on_frame is not None:
             self.on_frame(rx, port, f)
 
+    def _relayed_copy(self, ps: PortState, f: Any) -> bool:
+        """An authentic frame the verifier has accepted already (verdict 'replay') that
+        comes through a second port of its node, a few frames behind: the same frame over
+        another path (its own cable and the gateway's), counted in `relayed`. A replay on
+        the only port a node is followed on, or of an old frame, stays a security reject."""
+        st = self.nodes.get(f.node)
+        port = ps.path or ps.spec.label
+        if (st is None or st.boot != f.boot or st.last_seq is None or not st.paths
+                or st.paths == {port} or not 0 <= st.last_seq - f.seq < RELAY_WINDOW):
+            return False
+        st.relayed += 1
+        return True
+
     def _rejected(self, ps: PortState, f: Any, verdict: str, rx: float) -> None:
         # Stored, never dropped: the raw line is the evidence (a forgery, a replay...).
         # Counted for the node it claims to be if we know that node, else for the port's.
@@ -739,6 +770,7 @@ class Collector:
                     "sec_rejects": n.sec_rejects,
                     "security": dict(n.security),
                     "node_sec_rejects": n.node_sec_rejects,
+                    "relayed": n.relayed,
                 }
                 for n in nodes
             },
@@ -762,9 +794,11 @@ def _opt_str(v: object) -> str | None:
 
 
 def _copy_node(s: NodeState) -> NodeState:
-    c = NodeState(**{k: getattr(s, k) for k in s.__dataclass_fields__ if k not in ("recent", "gap_ranges", "security")})
+    c = NodeState(**{k: getattr(s, k) for k in s.__dataclass_fields__
+                     if k not in ("recent", "gap_ranges", "security", "paths")})
     c.recent = deque(s.recent)
     c.security = dict(s.security)
+    c.paths = set(s.paths)
     c.gap_ranges = list(s.gap_ranges)
     return c
 

@@ -171,6 +171,7 @@ def _print_summary(summary: dict[str, Any], db: str, out: Any, quarantined: list
             + (f"  auth rejects {n['sec_rejects']}" + "".join(f" {k}={v}" for k, v in sorted(n["security"].items()))
                if summary.get("auth") else "")
             + (f"  refused commands {n['node_sec_rejects']}" if n.get("node_sec_rejects") else "")
+            + (f"  relayed copies {n['relayed']}" if n.get("relayed") else "")
             + ("  QUARANTINED" if name in held else ""),
             file=out,
         )

@@ -133,7 +133,7 @@ EVENT_KINDS = (
     "unsupported",  # count frames of another protocol version
     "garbage",  # count bytes that were neither frames nor text lines
     "text",  # a free-text line (REPL output, traceback) in detail
-    "node_changed",  # a different node id appeared on the same port (detail)
+    "node_changed",  # a node id new to the port since it connected (another board, or a node behind a gateway)
     "security",  # a frame that failed authentication (monitor --master-key): detail = "<verdict> <raw line>",
     #              boot/seq_from as the frame claims; it is NOT in `frames` (docs/monitor.md)
 )
