@@ -9,7 +9,7 @@ events, each zone's temperature and humidity against its setpoint, and the zone
 consensus' verdict on every node. By default one node's sensor is sabotaged (a slow
 drift) and another node is briefly unplugged, so the summary has something to detect.
 
-    canopy demo                                  # 6 nodes, 2 zones, ~40 s
+    canopy demo                                  # 6 nodes, 2 zones, ~60 s
     canopy demo --single                         # the one-node text demo
 """
 
@@ -37,8 +37,8 @@ from .errors import CanopyError
 from .paths import FIRMWARE_DIR, micropython_command
 from .unixport import micropython_env
 
-DEFAULT_DURATION_S = 40.0  # wall seconds
-DEFAULT_SPEED = 60.0  # simulated seconds per wall second: 40 s of wall time = 40 simulated minutes
+DEFAULT_DURATION_S = 60.0  # wall seconds: room for the repair's trim steps to end 'repaired'
+DEFAULT_SPEED = 60.0  # simulated seconds per wall second: 60 s of wall time = one simulated hour
 DEFAULT_NODES = 6
 DEFAULT_ZONES = 2
 PLAIN_EVERY_S = 2.0  # status line period when stdout is not a terminal
@@ -50,7 +50,7 @@ LOUD_EVENTS = ("fault", "failsafe", "recovered", "boot")
 
 MESH_EXAMPLES = """\
 examples:
-  canopy demo                              6 nodes in 2 zones for ~40 s: n05's sensor drifts,
+  canopy demo                              6 nodes in 2 zones for ~60 s: n05's sensor drifts,
                                            n02 is unplugged, n04 loses its sensor for a while
   canopy demo --nodes 9 --zones 3 --duration 40
   canopy demo --fault n01:stuck@300 --fault n04:reboot@600
