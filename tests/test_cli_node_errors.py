@@ -102,3 +102,17 @@ def test_provision_refuses_a_chip_board_for_a_virtual_node(keyed, tmp_path, caps
     assert "does not fit this node" in err and "--board unix-sim" in err
     assert not registry.exists()  # the wrong board was not recorded
     assert b"@CNP1" in _frames_after(keyed["port"], 8.0)
+
+
+def test_repair_with_another_mesh_key_names_the_key_not_an_outage(keyed, tmp_path):
+    from canopy_host.repair import NodeOffline, SerialClient
+    from canopy_host.security import HostAuth
+
+    other = HostAuth(bytes(range(1, 33)), tmp_path / "counter.json")  # not the nodes' master key
+    client = SerialClient({"n01": keyed["port"]}, timeout=2.0, auth=other)
+    try:
+        with pytest.raises(NodeOffline) as err:
+            client.request("n01", "status", {})
+    finally:
+        client.close()
+    assert "does not verify" in str(err.value) and "--master-key" in str(err.value)

@@ -141,7 +141,8 @@ class SerialClient:
         port = self._open.get(node)
         if port is None:
             try:
-                port = open_port(resolve_port(self.ports[node], self.state_file), timeout=0.05)
+                # exclusive: a monitor following the same port would eat the replies
+                port = open_port(resolve_port(self.ports[node], self.state_file), timeout=0.05, exclusive=True)
             except KeyError:
                 raise NodeOffline(f"{node}: no port known (give --port {node}=PORT or --sim-state)") from None
             except CanopyError as exc:
@@ -169,6 +170,7 @@ class SerialClient:
             line = encode_repair_command(node, counter, cmd, args)
         port = self._port(node)
         parser = FrameParser()
+        unverified = None  # the verdict on an answer to this command whose tag did not verify
         try:
             port.reset_input_buffer()  # old readings are of no interest here
             port.write(line)
@@ -177,8 +179,9 @@ class SerialClient:
                 for f in parser.feed(port.read(4096)):
                     if f.node != node or f.fields.get("re") != counter:
                         continue
-                    if self.auth is not None and self.auth.verify(f) != "ok":
-                        continue  # forged or replayed: not the node's answer
+                    if self.auth is not None and (verdict := self.auth.verify(f)) != "ok":
+                        unverified = verdict  # forged or replayed: not the node's answer
+                        continue
                     if f.kind == "reply":
                         return dict(f.fields)
                     if f.kind == "error":
@@ -190,6 +193,10 @@ class SerialClient:
             except OSError:
                 pass
             raise NodeOffline(f"{node}: {exc}") from None
+        if unverified is not None:
+            # Still not believed (anyone can write that line), but the likely cause is ours.
+            raise NodeOffline(f"{node}: an answer to {cmd} came back but its tag does not verify ({unverified}): "
+                              "is --master-key the key the nodes were provisioned with?")
         raise NodeOffline(f"{node}: no answer to {cmd} within {self.timeout} s")
 
 
