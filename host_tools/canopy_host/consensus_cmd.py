@@ -379,8 +379,8 @@ def run(args: argparse.Namespace) -> int:
         windows: dict[str, int] = defaultdict(int)
         timeline = quarantine_timeline(items, args.window)
         for state in timeline.values():
-            for node, held in state.items():
-                windows[node] += held and node not in args.quarantined
+            for node, was_held in state.items():
+                windows[node] += was_held and node not in args.quarantined
         held = ", ".join(f"{n} ({k} of {len(timeline)} windows)" for n, k in sorted(windows.items()) if k)
         if held:
             print(f"canopy consensus: quarantined per the store (out of the vote): {held}", file=sys.stderr)

@@ -364,7 +364,7 @@ def run_mesh(args: argparse.Namespace) -> int:
     try:
         sup.start()  # t0 stays the moment the first node started: its simulated clock's zero
         for spec in sim_specs(cfg.state_path):
-            readers[spec.node_hint] = PortReader(collector.add_port(spec), collector)
+            readers[str(spec.node_hint)] = PortReader(collector.add_port(spec), collector)
         for r in readers.values():
             r.start()
 

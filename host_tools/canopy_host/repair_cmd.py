@@ -163,7 +163,8 @@ def after_monitor(args: argparse.Namespace, seen: dict[str, str]) -> int:
 
 
 def execute(args: argparse.Namespace, shadow: Any, ports: dict[str, str], findings: list[dict[str, Any]]) -> int:
-    from .repair import Journal, NodeOffline, NodeRefused, RepairEngine, SerialClient, plan, status, summary_lines
+    from .repair import (Actual, Journal, NodeOffline, NodeRefused, RepairEngine, SerialClient, plan, status,
+                         summary_lines)
 
     auth = None
     if getattr(args, "master_key", None):
@@ -177,7 +178,7 @@ def execute(args: argparse.Namespace, shadow: Any, ports: dict[str, str], findin
         check_db_file(args.db, writing=True)  # the journal goes there
     client = SerialClient(ports, timeout=args.timeout, state_file=args.sim_state, auth=auth)
     try:
-        actual = {}
+        actual: dict[str, Actual | None] = {}
         refused: list[str] = []
         # A shadow node no port leads to (not in the sim state, no --port) cannot be
         # reached this run; waiting for it until --deadline would help nobody.

@@ -548,7 +548,7 @@ class RepairLoop:
 
     def apply(self, node: str, findings: list[dict[str, Any]]) -> list[str]:
         """Plan from the findings, run the engine; the final state of each job."""
-        from .repair import Journal, NodeOffline, NodeRefused, RepairEngine, plan, status
+        from .repair import Actual, Journal, NodeOffline, NodeRefused, RepairEngine, plan, status
         from .shadow import Shadow
 
         data: dict[str, Any] = {"config": {}, "nodes": {}}
@@ -568,6 +568,7 @@ class RepairLoop:
         try:
             with self.lend(node):
                 client = self.client_for(node)
+                actual: dict[str, Actual | None]
                 try:
                     actual = {node: status(client, node)}
                 except (NodeOffline, NodeRefused):
