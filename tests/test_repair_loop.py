@@ -13,7 +13,7 @@ from canopy_host.errors import CanopyError
 from canopy_host.monitor import Collector, PortReader, PortSpec
 from canopy_host.protocol import READING_KEYS, encode_frame
 from canopy_host.repair_loop import (RELEASE_AFTER, T_ACCURACY_C, RepairLoop, agreeing_run, decide_repairs,
-                                     readers_lender)
+                                     nearest_gap, readers_lender, zone_error)
 
 
 class FakePort:
@@ -198,6 +198,18 @@ def test_a_node_that_agrees_with_its_zone_is_not_quarantined_for_a_score():
     assert kinds == ["quarantine", "recalibrate"]
     assert d.findings[1]["action"]["quantity"] == "t"
     assert d.findings[1]["action"]["offset"] == pytest.approx(far - 25.0)
+
+
+def test_in_a_zone_of_three_a_drifting_neighbour_does_not_make_a_healthy_node_the_odd_one_out():
+    # Seen in a loaded CI run of the short demo: n05 drifted +2.4 °C, so the leave-one-out
+    # value of healthy n01 (the mean of n03 and n05) sat 1.2 °C above it; with a noise
+    # score that was enough to quarantine and "recalibrate" n01.
+    v = verdict(faults={"n01": finding("noise", "quarantine"), "n05": finding("drift", "recalibrate", offset=2.4)})
+    zone = {"n01": 25.0, "n03": 25.1, "n05": 27.4}
+    assert zone_error("n01", v, readings(zone), 60.0) == pytest.approx(-1.25)  # what fooled the old rule
+    assert nearest_gap("n01", v, readings(zone), 60.0) == pytest.approx(0.1)
+    decisions = decide_repairs([v], readings(zone), ["n01", "n03", "n05"])
+    assert [d.node for d in decisions] == ["n05"] and decisions[0].t_error == pytest.approx(27.4 - 25.05)
 
 
 def test_only_the_trigger_quantity_starts_a_repair_others_come_along():

@@ -19,7 +19,10 @@ Decision rules (docs/repair.md "The continuous loop"):
   pressure and humidity with its temperature).
 * MEASURABLY WRONG: the node must also be voted out of its zone's temperature verdict
   or be at least `T_ACCURACY_C` (the BME280's absolute accuracy) from its neighbours
-  (`zone_error`: its median in the window minus the median of theirs). A class alone
+  (`zone_error`: its median in the window minus the median of theirs) AND from each of
+  them (`nearest_gap`: in a zone of three, one drifting node drags the other two's
+  mean toward itself, and a healthy node close to its healthy neighbour is not the odd
+  one out). A class alone
   (a noise or stuck score) on a node that agrees with its zone within the allowance
   is not worth taking its actuators away.
 * ACTION: quarantine (actuators to failsafe, out of the vote) plus a temperature
@@ -168,18 +171,37 @@ def zone_error(node: str, verdict: Mapping[str, Any], items: Iterable[Any], wind
     pulls that value toward itself and hides part of its own error."""
     if verdict.get("status") != "OK" or verdict.get("value") is None:
         return None  # no quorum: nothing to measure against
+    per = _window_medians(verdict, items, window)
+    mine = per.pop(node, None)
+    if mine is None:
+        return None
+    # Without the neighbours' readings at hand, the consensus' own value is all there is.
+    ref = _median(list(per.values())) if per else float(verdict["value"])
+    return mine - ref
+
+
+def nearest_gap(node: str, verdict: Mapping[str, Any], items: Iterable[Any], window: float) -> float | None:
+    """How far the node's median in the window is from the CLOSEST other node's median
+    (None without neighbours' readings). In a zone of three, one drifting neighbour
+    drags the leave-one-out value (the mean of the other two) by half its error, so a
+    healthy node can look a degree off its "neighbours" while it agrees with one of
+    them; the odd one out is far from every other node."""
+    per = _window_medians(verdict, items, window)
+    mine = per.pop(node, None)
+    if mine is None or not per:
+        return None
+    return min(abs(mine - v) for v in per.values())
+
+
+def _window_medians(verdict: Mapping[str, Any], items: Iterable[Any], window: float) -> dict[str, float]:
+    """node -> its median reading of the verdict's zone and quantity in the verdict's window."""
     ws = float(verdict["window_start"])
     per: dict[str, list[float]] = {}
     for r in items:
         if (getattr(r, "zone", verdict["zone"]) == verdict["zone"] and r.quantity == verdict["quantity"]
                 and ws <= r.time < ws + window):
             per.setdefault(r.node, []).append(r.value)
-    mine = per.pop(node, None)
-    if not mine:
-        return None
-    # Without the neighbours' readings at hand, the consensus' own value is all there is.
-    ref = _median([_median(v) for v in per.values()]) if per else float(verdict["value"])
-    return _median(mine) - ref
+    return {n: _median(v) for n, v in per.items()}
 
 
 @dataclass
@@ -209,7 +231,8 @@ def decide_repairs(latest: list[dict[str, Any]], items: list[Any], nodes: Iterab
             continue
         voted_out = node in tv.get("falsetickers", [])
         error = zone_error(node, tv, items, window)
-        off = error is not None and abs(error) >= T_ACCURACY_C
+        gap = nearest_gap(node, tv, items, window)
+        off = error is not None and abs(error) >= T_ACCURACY_C and (gap is None or gap >= T_ACCURACY_C)
         if not (voted_out or off):
             continue  # agrees with its zone within the allowance: a score alone is not enough
         findings: list[dict[str, Any]] = [{"node": node, "actionable": True, "action": {"kind": "quarantine"}}]
