@@ -327,3 +327,20 @@ def test_a_chip_board_is_refused_on_a_virtual_node_before_anything_is_copied(sup
     after = {p.relative_to(node.folder): p.read_bytes() for p in node.folder.rglob("*") if p.is_file()
              and p.suffix in (".py", ".mpy")}
     assert after == before and not any(p.suffix == ".mpy" for p in after)
+
+
+def test_a_lost_reset_handshake_before_the_acceptance_test_is_retried(sup, tmp_path: Path, monkeypatch) -> None:
+    real = deploy._enter_raw
+    calls = []
+
+    def first_one_lost(t, soft_reset):
+        calls.append(soft_reset)
+        if len(calls) == 1:
+            raise deploy.CanopyError("entering the raw REPL: no answer from the node within 10 s")
+        return real(t, soft_reset)
+
+    monkeypatch.setattr(deploy, "_enter_raw", first_one_lost)
+    node = sup.nodes[0]
+    board = load_board("unix-sim")
+    r = deploy.deploy_node(node.port, board, deploy.build_bundle(board), MASTER, registry_path=tmp_path / "r.json")
+    assert calls == [True] and r.healthy, (r.error, r.problems)  # the retry came through connect()

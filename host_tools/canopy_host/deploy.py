@@ -678,7 +678,17 @@ def deploy_node(port: str, board: Board, bundle: Bundle, master: bytes, *, zone:
         if check:
             progress.stage("acceptance test")
             t.exit_raw_repl()
-            _enter_raw(t, soft_reset=True)  # import the modules just copied, not cached ones
+            try:
+                _enter_raw(t, soft_reset=True)  # import the modules just copied, not cached ones
+            except CanopyError:
+                # The reset handshake can be lost while the board restarts (seen once on a
+                # loaded machine): start over on a fresh port, as connect() does.
+                try:
+                    t.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                t = None
+                t = connect(port, soft_reset=True)
             ok = acceptance(t, report)
             progress.stage("ping")
             t.exec_raw_no_follow("import machine\nmachine.reset()")
