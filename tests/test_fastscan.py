@@ -220,3 +220,84 @@ def test_feed_run_only_scans_from_a_line_start():
     assert rows == [] and len(rest) == 2 and p.text_lines == ["noise "]
     rows, rest = p.feed_run(good[2], "n01", 7, 2, HEAD)
     assert [r[6] for r in rows] == [2] and rest is None and p.frames == 3
+
+
+# -- a gateway's port: several nodes interleaved (scan_gateway) --------------------------
+
+@st.composite
+def gateway_streams(draw):
+    """Several nodes' readings interleaved as a mesh gateway relays them, mostly each
+    continuing its node; some edited, off-run, tagged differently or from unknown nodes."""
+    tagged = draw(st.booleans())
+    names = ["n01", "n02", "node_with-16chr"]
+    seqs = {n: draw(st.sampled_from([0, 5, 10**10 - 3])) for n in names}
+    boot = draw(st.sampled_from([7, 10**10 - 1]))
+    expect = {n: [boot, s] for n, s in seqs.items() if draw(st.integers(0, 4))}
+    out = b""
+    for _ in range(draw(st.integers(1, 8))):
+        node = draw(st.sampled_from(names + ["n09"]))
+        seq = seqs.get(node, 0)
+        line = _line(node, boot, seq, draw(good_values))
+        if tagged:
+            line = _reseal(line[:-10] + b" !" + draw(st.binary(min_size=16, max_size=16)).hex().encode() + b" *00000000")
+        if draw(st.integers(0, 5)) == 0:
+            line = _apply(line, draw(edits))
+            if draw(st.booleans()):
+                line = _reseal(line)
+        out += line + draw(st.sampled_from([b"\n", b"\r\n"]))
+        seqs[node] = seq + draw(st.sampled_from([1, 1, 1, 1, 0, 2]))
+    return out, expect
+
+
+@compiled
+@settings(max_examples=800, deadline=None)
+@given(gateway_streams(), st.integers(0, 300))
+def test_compiled_gateway_scanner_equals_python_twin(stream, cut):
+    data, expect = stream
+    for buf in (data, data[:cut]):
+        for tagged in (False, True):
+            want_expect = {k: list(v) for k, v in expect.items()}
+            got_expect = {k: list(v) for k, v in expect.items()}
+            want = protocol.scan_gateway_py(buf, 0, want_expect, HEAD, tagged)
+            assert protocol._scan_gateway_c(buf, 0, got_expect, HEAD, tagged) == want
+            assert got_expect == want_expect  # the next seqs advanced alike
+
+
+@settings(max_examples=400, deadline=None)
+@given(gateway_streams())
+def test_gateway_twin_takes_only_what_the_general_parser_accepts(stream):
+    data, expect = stream
+    before = {k: list(v) for k, v in expect.items()}
+    rows, end = protocol.scan_gateway_py(data, 0, expect, HEAD)
+    frames = FrameParser().feed(data[:end])
+    assert len(frames) == len(rows)
+    nxt = {k: v[1] for k, v in before.items()}
+    for row, f in zip(rows, frames):
+        assert (f.kind, f.tag) == ("reading", None) and f.node in before and f.boot == before[f.node][0]
+        assert f.seq == nxt[f.node] and row[4:] == (f.node, f.boot, f.seq, *f.fields.values())
+        nxt[f.node] += 1
+    assert {k: v[1] for k, v in expect.items()} == nxt
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=gateway_streams(), cuts=st.lists(st.integers(0, 900), max_size=4), twin=st.booleans())
+def test_feed_gateway_leaves_the_parser_where_feed_compact_does(stream, cuts, twin, monkeypatch):
+    data, expect = stream
+    with monkeypatch.context() as m:
+        if twin:
+            m.setattr(protocol, "scan_gateway", protocol.scan_gateway_py)
+        out = []
+        for mode in ("gateway", "compact"):
+            p = FrameParser()
+            got: list = []
+            prev = 0
+            for c in sorted(set(cuts)) + [len(data)]:
+                piece, prev = data[prev:c], c
+                if mode == "gateway":
+                    rows, rest = p.feed_gateway(piece, expect, HEAD)
+                    got += map(_norm, rows + (rest if rest is not None else []))
+                else:
+                    got += map(_norm, p.feed_compact(piece))
+            p.flush_text()
+            out.append((got, {k: getattr(p, k) for k in COUNTERS}, p.text_lines, bytes(p._buf)))
+    assert out[0] == out[1]

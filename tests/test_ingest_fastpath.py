@@ -403,3 +403,73 @@ def test_node_moving_between_ports_and_link_events_between_its_reads():
     assert runs[0] == runs[1]
     ports_seen = [n["port"] for st_ in runs[0][0] for n in st_[1]]
     assert "/dev/p0" in ports_seen and "/dev/p1" in ports_seen
+
+
+# -- a gateway's port: several nodes' frames interleaved on one port ---------------------
+
+def _interleave(streams: list[bytes], seed: int) -> bytes:
+    """Merge line streams as a gateway relays them: each keeps its order."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [s.splitlines(keepends=True) for s in streams]
+    out = []
+    while any(lines):
+        pick = rng.choice([k for k, ls in enumerate(lines) if ls])
+        out.append(lines[pick].pop(0))
+    return b"".join(out)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.lists(stream_op, max_size=12), min_size=2, max_size=3),
+    st.integers(0, 2**16),
+    schedules,
+    st.booleans(),
+)
+def test_gateway_port_path_equals_general_path(ops_per_node, seed, schedule, twin):
+    # one port (index 0) carries every node, a second one sometimes a copy of one node
+    merged = _interleave([_stream(ops, f"n0{k + 1}") for k, ops in enumerate(ops_per_node)], seed)
+    streams = [merged, _stream(ops_per_node[0], "n01")]
+    with mock.patch.object(protocol, "scan_gateway", protocol.scan_gateway_py if twin else protocol.scan_gateway):
+        fast = _monitor_run(streams, schedule, False, False)
+    assert fast == _monitor_run(streams, schedule, True, False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(keyed_op, max_size=12), min_size=2, max_size=3),
+    st.integers(0, 2**16),
+    schedules,
+)
+def test_keyed_gateway_port_path_equals_general_path(tmp_path_factory, ops_per_node, seed, schedule):
+    merged = _interleave([_keyed_stream(ops, f"n0{k + 1}") for k, ops in enumerate(ops_per_node)], seed)
+    tmp = tmp_path_factory.mktemp("gw")
+    runs = []
+    for reference in (False, True):
+        auth = HostAuth(MASTER, tmp / f"c{reference}.json")
+        auth.key("n09")
+        runs.append(_monitor_run([merged], schedule, reference, False, auth))
+    assert runs[0] == runs[1]
+
+
+def test_a_gateway_port_takes_the_gateway_scanner(monkeypatch):
+    taken = []
+    real = protocol.scan_gateway
+
+    def spy(*a):
+        out = real(*a)
+        taken.extend(out[0])
+        return out
+
+    monkeypatch.setattr(protocol, "scan_gateway", spy)
+    merged = _interleave([_stream([("next", 40)], n) for n in ("n01", "n02", "n03")], 7)
+    store = RecordingStore()
+    c = Collector(store, clock=lambda: 100.0)  # type: ignore[arg-type]
+    gw = c.add_port(PortSpec(label="gw", path="/dev/gw"))
+    parser = FrameParser()
+    for k in range(0, len(merged), 512):
+        c.feed(gw, parser, merged[k:k + 512], 100.0)
+    rows = [x[1] for x in store.calls if x[0] == "frame"]
+    assert len(rows) == 120 and len(taken) > 100  # after each node's first frames, the scanner
+    assert all(c.nodes[n].frames == 40 and c.nodes[n].gaps == 0 for n in ("n01", "n02", "n03"))

@@ -211,11 +211,121 @@ fail:
     return NULL;
 }
 
+/* scan_gateway(buf, pos, expect, head[, tagged]): scan_readings for a port that carries
+ * several nodes (a mesh gateway): `expect` maps node id -> [boot, next seq]; a line
+ * belongs to the run if its node is a key there and it continues that node. The
+ * lists' next seq is advanced in place. Same results as (rows, end) or
+ * (rows, ends, bodies, tags). */
+static PyObject *
+scan_gateway(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "scan_gateway(buf, pos, expect, head[, tagged])");
+        return NULL;
+    }
+    PyObject *expect = args[2], *head = args[3];
+    if (!PyDict_Check(expect) || !PyTuple_Check(head)) {
+        PyErr_SetString(PyExc_TypeError, "scan_gateway: expect must be a dict and head a tuple");
+        return NULL;
+    }
+    int tagged = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
+    if (tagged < 0) return NULL;
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *b = (const unsigned char *)view.buf;
+    Py_ssize_t n = view.len;
+    Py_ssize_t nhead = PyTuple_GET_SIZE(head);
+    PyObject *rows = PyList_New(0);
+    PyObject *ends = tagged ? PyList_New(0) : NULL;
+    PyObject *bodies = tagged ? PyList_New(0) : NULL;
+    PyObject *tags = tagged ? PyList_New(0) : NULL;
+    PyObject *node = NULL;
+    if (rows == NULL || (tagged && (ends == NULL || bodies == NULL || tags == NULL))) goto fail;
+    if (pos < 0 || pos > n) {
+        PyErr_SetString(PyExc_ValueError, "scan_gateway: pos out of range");
+        goto fail;
+    }
+    long long vals[N_VALUES];
+    unsigned char tag[TAG_BYTES];
+    Py_ssize_t mac_end = 0;
+    for (;;) {
+        /* the node id token after "@CNP1 ", then its expectation */
+        if (n - pos < 6 || memcmp(b + pos, "@CNP1 ", 6) != 0) break;
+        Py_ssize_t q = pos + 6, len = 0;
+        while (len <= 16 && q + len < n && b[q + len] != ' ') len++;
+        if (len == 0 || len > 16 || q + len >= n) break;
+        node = PyUnicode_DecodeLatin1((const char *)b + q, len, NULL);
+        if (node == NULL) goto fail;
+        PyObject *want = PyDict_GetItemWithError(expect, node); /* borrowed */
+        if (want == NULL) {
+            if (PyErr_Occurred()) goto fail;
+            break;
+        }
+        if (!PyList_Check(want) || PyList_GET_SIZE(want) != 2) {
+            PyErr_SetString(PyExc_TypeError, "scan_gateway: expect values must be [boot, next_seq] lists");
+            goto fail;
+        }
+        long long boot = PyLong_AsLongLong(PyList_GET_ITEM(want, 0));
+        long long seq = PyLong_AsLongLong(PyList_GET_ITEM(want, 1));
+        if (PyErr_Occurred()) goto fail;
+        Py_ssize_t next = match_reading(b, n, pos, (const char *)b + q, len, boot, seq, vals, tagged, &mac_end, tag);
+        if (next < 0) break;
+        PyObject *row = PyTuple_New(nhead + 3 + N_VALUES);
+        if (row == NULL) goto fail;
+        for (Py_ssize_t k = 0; k < nhead; k++) {
+            PyObject *h = PyTuple_GET_ITEM(head, k);
+            Py_INCREF(h);
+            PyTuple_SET_ITEM(row, k, h);
+        }
+        PyTuple_SET_ITEM(row, nhead, node); /* the row takes our reference */
+        node = NULL;
+        PyObject *boot_obj = PyList_GET_ITEM(want, 0);
+        Py_INCREF(boot_obj);
+        PyTuple_SET_ITEM(row, nhead + 1, boot_obj);
+        for (int k = -1; k < N_VALUES; k++) {
+            PyObject *x = PyLong_FromLongLong(k < 0 ? seq : vals[k]);
+            if (x == NULL) {
+                Py_DECREF(row);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(row, nhead + 3 + k, x);
+        }
+        if (append_new(rows, row) < 0) goto fail;
+        PyObject *next_seq = PyLong_FromLongLong(seq + 1);
+        if (next_seq == NULL || PyList_SetItem(want, 1, next_seq) < 0) goto fail;
+        if (tagged) {
+            if (append_new(ends, PyLong_FromSsize_t(next)) < 0
+                || append_new(bodies, PyBytes_FromStringAndSize((const char *)b + pos, mac_end - pos)) < 0
+                || append_new(tags, PyBytes_FromStringAndSize((const char *)tag, TAG_BYTES)) < 0)
+                goto fail;
+        }
+        pos = next;
+    }
+    Py_XDECREF(node);
+    PyBuffer_Release(&view);
+    if (tagged) return Py_BuildValue("(NNNN)", rows, ends, bodies, tags);
+    return Py_BuildValue("(Nn)", rows, pos);
+fail:
+    Py_XDECREF(node);
+    PyBuffer_Release(&view);
+    Py_XDECREF(rows);
+    Py_XDECREF(ends);
+    Py_XDECREF(bodies);
+    Py_XDECREF(tags);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"scan_readings", (PyCFunction)(void (*)(void))scan_readings, METH_FASTCALL,
      "scan_readings(buf, pos, node, boot, seq, head[, tagged]) -> (rows, end) | (rows, ends, bodies, tags)\n\n"
      "Consume the run of in-sequence v1 readings of one node at buf[pos:] "
      "(see canopy_host.protocol.scan_readings_py, its Python twin)."},
+    {"scan_gateway", (PyCFunction)(void (*)(void))scan_gateway, METH_FASTCALL,
+     "scan_gateway(buf, pos, expect, head[, tagged]) -> (rows, end) | (rows, ends, bodies, tags)\n\n"
+     "scan_readings for a port that carries several nodes: expect maps node -> [boot, next_seq] "
+     "(advanced in place); see canopy_host.protocol.scan_gateway_py."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -60,7 +60,8 @@ MAX_GAP_RANGES = 1000  # kept in memory per node for the summary
 # frames behind a node's newest: an authentic copy arriving through a second port within
 # this is the mesh relaying it (Collector._relayed_copy); the host replay window's size
 RELAY_WINDOW = 64
-# where a run row (FrameParser.feed_run) keeps its seq and its values
+# where a run row (FrameParser.feed_run) keeps its node, seq and values
+_row_node = operator.itemgetter(len(FRAME_ROW_HEAD))
 _ROW_SEQ = len(FRAME_ROW_HEAD) + 2
 _ROW_VALUES = len(FRAME_ROW_HEAD) + 3
 
@@ -277,6 +278,9 @@ class PortState:
     # Collector._frames' shortcut across reads: the node state of this port's last frame,
     # dropped (Collector._unfast) when anything else touches that node or this port.
     fast: Any = field(default=None, repr=False, compare=False)
+    # The same shortcut for a port that carries several nodes (a gateway): node ->
+    # [boot, next seq] of each node tracked here, for FrameParser.feed_gateway.
+    gateway: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -357,6 +361,8 @@ class Collector:
         self.messages: deque[str] = deque(maxlen=20)  # user-facing notices (bad ports...)
         # node -> the port whose `fast` shortcut is that node (at most one port per node)
         self._fast_port: dict[str, PortState] = {}
+        # node -> the port whose `gateway` expectations hold it (at most one)
+        self._gateway_port: dict[str, PortState] = {}
 
     def add_port(self, spec: PortSpec) -> PortState:
         with self.lock:
@@ -383,6 +389,9 @@ class Collector:
         other = self._fast_port.pop(node, None)
         if other is not None:
             other.fast = None
+        gw = self._gateway_port.pop(node, None)
+        if gw is not None:
+            gw.gateway.pop(node, None)
 
     def _unfast_port(self, ps: PortState) -> None:
         # link events change the port's node state (connected, port): no shortcut for it
@@ -390,6 +399,8 @@ class Collector:
         name = ps.node or ps.spec.node_hint
         if name:
             self._unfast(name)
+        for node in list(ps.gateway):
+            self._unfast(node)
 
     def _event(self, rx: float, ps: PortState, kind: str, **kw: Any) -> None:
         if self.store is not None:
@@ -474,11 +485,22 @@ class Collector:
             rx = self.clock()
         with self.lock:
             st = ps.fast
-            if st is None:
+            head = (rx, ps.path or ps.spec.label, "reading", None)
+            if ps.gateway and hasattr(parser, "feed_gateway"):
+                rows, frames = parser.feed_gateway(data, ps.gateway, head, verify_run)
+                # in the order the general path takes a read: its counters and text (on
+                # the port's node so far), then its frames, the run's first
+                if frames is not None:
+                    self._count(ps, parser, rx)
+                if rows:
+                    self._run_many(ps, rows, rx)
+                if frames:
+                    self._frames(ps, frames, rx)
+                return
+            elif st is None:
                 frames = parser.feed_compact(data)
             else:
-                port = ps.path or ps.spec.label
-                rows, frames = run(data, st.node, st.boot, st.last_seq + 1, (rx, port, "reading", None), verify_run)
+                rows, frames = run(data, st.node, st.boot, st.last_seq + 1, head, verify_run)
                 if rows:
                     self._run(st, rows, rx)
             if frames is not None:
@@ -486,8 +508,23 @@ class Collector:
 
     def _run(self, st: NodeState, rows: list[tuple[Any, ...]], rx: float) -> None:
         # rows are store rows: FRAME_ROW_HEAD + (node, boot, seq, *values), in sequence
-        n = len(rows)
-        last = rows[-1]
+        self._account(st, len(rows), rows[-1], rx)
+        self.total_frames += len(rows)
+        if self.store is not None:
+            self.store.add_frame_rows(rows)
+
+    def _run_many(self, ps: PortState, rows: list[tuple[Any, ...]], rx: float) -> None:
+        # a gateway's run: several nodes' in-sequence readings, interleaved
+        nodes = list(map(_row_node, rows))
+        for node, last in dict(zip(nodes, rows)).items():
+            self._account(self.nodes[node], nodes.count(node), last, rx)
+        self.total_frames += len(rows)
+        ps.node = nodes[-1]
+        if self.store is not None:
+            self.store.add_frame_rows(rows)
+
+    @staticmethod
+    def _account(st: NodeState, n: int, last: tuple[Any, ...], rx: float) -> None:
         st.last_seq = last[_ROW_SEQ]
         st.frames += n
         st.readings += n
@@ -497,10 +534,7 @@ class Collector:
         cutoff = rx - RATE_WINDOW_S
         while recent[0] < cutoff:
             recent.popleft()
-        self.total_frames += n
         st.last_reading = dict(zip(READING_KEYS, last[_ROW_VALUES:]))
-        if self.store is not None:
-            self.store.add_frame_rows(rows)
 
     def ingest(self, ps: PortState, parser: Any, frames: list[Any], rx: float | None = None) -> None:
         """Account for one parser.feed() result: counters, free text, then frames."""
@@ -510,6 +544,12 @@ class Collector:
             self._ingest_locked(ps, parser, frames, rx)
 
     def _ingest_locked(self, ps: PortState, parser: Any, frames: list[Any], rx: float) -> None:
+        self._count(ps, parser, rx)
+        if frames:
+            self._frames(ps, frames, rx)
+
+    def _count(self, ps: PortState, parser: Any, rx: float) -> None:
+        """The parser's counters and free-text lines since the last read, as events."""
         try:  # one C call per read in the common case: no counter moved
             moved = _counters(parser) != tuple(ps.seen.values())
         except AttributeError:  # a parser without some counters: check one by one
@@ -530,8 +570,6 @@ class Collector:
                 text = line.decode("utf-8", "replace") if isinstance(line, (bytes, bytearray)) else str(line)
                 self._event(rx, ps, "text", detail=text[:MAX_TEXT_LINE])
             del lines[:]
-        if frames:
-            self._frames(ps, frames, rx)
 
     def _frames(self, ps: PortState, frames: list[Any], rx: float) -> None:
         store = self.store
@@ -554,6 +592,9 @@ class Collector:
         # the values of `fast`'s last compact reading: last_reading is converted from it
         # once per read, when `fast` changes or the read ends, not once per frame
         pending: list[str] | None = None
+        # the nodes whose state this call leaves consistent on this port (a gateway's
+        # expectations are refreshed for them at the end)
+        touched = {fast.node} if fast is not None else set()
         for f in frames:
             if type(f) is tuple:
                 st = fast
@@ -610,6 +651,7 @@ class Collector:
                 if self._fast_port.get(f.node) is not ps:
                     self._unfast(f.node)
                 self._frame(ps, f, rx, rows)
+                touched.add(f.node)
                 fast = self.nodes[f.node] if self.FAST_PATH else None
         if pending is not None:
             fast.last_reading = dict(zip(READING_KEYS, map(int, pending)))  # type: ignore[union-attr]
@@ -620,8 +662,23 @@ class Collector:
             if fast is not None:
                 self._unfast(fast.node)
                 self._fast_port[fast.node] = ps
+        if self.FAST_PATH and len(ps.nodes_here) > 1:
+            for node in touched:
+                self._claim_gateway(ps, self.nodes[node])
         if store is not None:
             store.add_frame_rows(rows)
+
+    def _claim_gateway(self, ps: PortState, st: NodeState) -> None:
+        """Expect `st`'s next reading on the gateway port `ps` (and on no other port)."""
+        node = st.node
+        if self._fast_port.get(node) not in (None, ps):
+            self._unfast(node)
+        other = self._gateway_port.get(node)
+        if other is not None and other is not ps:
+            other.gateway.pop(node, None)
+        if st.boot is not None and st.last_seq is not None:
+            ps.gateway[node] = [st.boot, st.last_seq + 1]
+            self._gateway_port[node] = ps
 
     def _frame(self, ps: PortState, f: Any, rx: float, rows: list[tuple[Any, ...]]) -> None:
         if ps.node != f.node:

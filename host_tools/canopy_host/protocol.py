@@ -191,6 +191,31 @@ _RUN_RE = re.compile(_RUN_VALUES + rb"() \*([0-9a-fA-F]{8})\r?\n")
 _TAGGED_RUN_RE = re.compile(_RUN_VALUES + rb" !([0-9a-fA-F]{32}) \*([0-9a-fA-F]{8})\r?\n")
 
 
+def _run_line(buf: bytes | bytearray, pos: int, node: str, boot: int, seq: int,
+              tagged: bool) -> tuple[re.Match[bytes], tuple[int, ...]] | None:
+    """The line at buf[pos:] if it continues node/boot at seq (see scan_readings_py):
+    its match and its values, else None."""
+    m = (_TAGGED_RUN_RE if tagged else _RUN_RE).match(buf, pos)
+    if m is None:
+        return None
+    node_b, boot_b, seq_b, values, _, crc = m.groups()
+    if (node_b != node.encode("ascii", "replace") or int(boot_b) != boot or int(seq_b) != seq
+            or m.end(6) - pos >= MAX_FRAME or zlib.crc32(buf[pos:m.start(6) - 2]) != int(crc, 16)):
+        return None
+    return m, tuple(map(int, values.split(b",")))
+
+
+def _take(found: tuple[re.Match[bytes], tuple[int, ...]], buf: bytes | bytearray, pos: int, row: tuple,
+          out: tuple[list, list, list, list], tagged: bool) -> int:
+    m, values = found
+    out[0].append(row + values)
+    if tagged:
+        out[1].append(m.end())
+        out[2].append(bytes(buf[pos:m.start(5) - 2]))
+        out[3].append(bytes.fromhex(m.group(5).decode("ascii")))
+    return m.end()
+
+
 def scan_readings_py(buf: bytes | bytearray, pos: int, node: str, boot: int, seq: int, head: tuple,
                      tagged: bool = False) -> tuple:
     """The run at buf[pos:]: (rows, end), each line as head + (node, boot, seq, *values).
@@ -199,34 +224,43 @@ def scan_readings_py(buf: bytes | bytearray, pos: int, node: str, boot: int, seq
     with each line's end offset, signed part and 16 tag bytes, for the caller to verify.
     The reference for the compiled `_fastscan.scan_readings` (tests/test_fastscan.py)
     and what runs when it could not be built."""
-    rows: list[tuple] = []
-    ends: list[int] = []
-    bodies: list[bytes] = []
-    tags: list[bytes] = []
-    want = node.encode("ascii")
-    crc32 = zlib.crc32
-    match = (_TAGGED_RUN_RE if tagged else _RUN_RE).match
-    while (m := match(buf, pos)) is not None:
-        node_b, boot_b, seq_b, values, tag, crc = m.groups()
-        crc_end = m.start(6) - 2
-        if (node_b != want or int(boot_b) != boot or int(seq_b) != seq or m.end(6) - pos >= MAX_FRAME
-                or crc32(buf[pos:crc_end]) != int(crc, 16)):
-            break
-        rows.append(head + (node, boot, seq, *map(int, values.split(b","))))
-        if tagged:
-            ends.append(m.end())
-            bodies.append(bytes(buf[pos:m.start(5) - 2]))
-            tags.append(bytes.fromhex(tag.decode("ascii")))
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    while (found := _run_line(buf, pos, node, boot, seq, tagged)) is not None:
+        pos = _take(found, buf, pos, head + (node, boot, seq), out, tagged)
         seq += 1
-        pos = m.end()
-    return (rows, ends, bodies, tags) if tagged else (rows, pos)
+    return out if tagged else (out[0], pos)
+
+
+_NODE_TOKEN_RE = re.compile(rb"@CNP1 ([^ ]{1,16}) ")
+
+
+def scan_gateway_py(buf: bytes | bytearray, pos: int, expect: dict[str, list[int]], head: tuple,
+                    tagged: bool = False) -> tuple:
+    """scan_readings_py for a port that carries several nodes (a mesh gateway): a line
+    belongs to the run if its node is a key of `expect` (node -> [boot, next seq]) and
+    it continues that node; each taken line advances its node's next seq in place.
+    The reference for the compiled `_fastscan.scan_gateway`."""
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    while (t := _NODE_TOKEN_RE.match(buf, pos)) is not None:
+        node = t.group(1).decode("latin-1")
+        want = expect.get(node)
+        if want is None:
+            break
+        found = _run_line(buf, pos, node, want[0], want[1], tagged)
+        if found is None:
+            break
+        pos = _take(found, buf, pos, head + (node, want[0], want[1]), out, tagged)
+        want[1] += 1
+    return out if tagged else (out[0], pos)
 
 
 try:
+    from ._fastscan import scan_gateway as _scan_gateway_c
     from ._fastscan import scan_readings as _scan_readings_c
 except ImportError:  # built without a C compiler: same results, slower (docs/performance.md)
-    _scan_readings_c = None
+    _scan_readings_c = _scan_gateway_c = None
 scan_readings = _scan_readings_c or scan_readings_py
+scan_gateway = _scan_gateway_c or scan_gateway_py
 FAST_SCAN = "compiled" if _scan_readings_c is not None else "python"
 
 
@@ -274,6 +308,7 @@ class FrameParser:
         buf = self._buf
         buf += data
         rows: list[tuple] = []
+        end = 0
         if not self._skip and buf.startswith(MARKER):
             if verify is None:
                 rows, end = scan_readings(buf, 0, node, boot, seq, head)
@@ -282,13 +317,51 @@ class FrameParser:
                 good = verify(node, boot, seq, bodies, tags) if rows else 0
                 del rows[good:]
                 end = ends[good - 1] if good else 0
-            if end:
-                del buf[:end]
-                self.frames += len(rows)
+        return rows, self._after_run(len(rows), end)
+
+    def feed_gateway(self, data: bytes, expect: dict[str, list[int]], head: tuple,
+                     verify: Callable[[str, int, int, list[bytes], list[bytes]], int] | None = None,
+                     ) -> tuple[list[tuple], list[Frame | tuple] | None]:
+        """feed_run() for a port that carries several nodes (a mesh gateway): the run
+        takes every node of `expect` (node -> [boot, next seq], advanced in place for
+        the frames taken; see scan_gateway). With `verify`, each stretch of one node's
+        frames is verified in order and the run ends before the first frame that fails."""
+        buf = self._buf
+        buf += data
+        rows: list[tuple] = []
+        end = 0
+        if not self._skip and buf.startswith(MARKER):
+            if verify is None:
+                rows, end = scan_gateway(buf, 0, expect, head)
+            else:
+                rows, ends, bodies, tags = scan_gateway(buf, 0, expect, head, True)
+                h = len(head)  # where a row's node, boot and seq are
+                good = i = 0
+                while i < len(rows):
+                    node, boot, seq = rows[i][h:h + 3]
+                    j = i + 1
+                    while j < len(rows) and rows[j][h] == node:
+                        j += 1
+                    k = verify(node, boot, seq, bodies[i:j], tags[i:j])
+                    good += k
+                    if k < j - i:
+                        break
+                    i = j
+                for row in reversed(rows[good:]):  # frames not taken: their nodes expect them again
+                    expect[row[h]][1] = row[h + 2]
+                del rows[good:]
+                end = ends[good - 1] if good else 0
+        return rows, self._after_run(len(rows), end)
+
+    def _after_run(self, taken: int, end: int) -> list[Frame | tuple] | None:
+        buf = self._buf
+        if end:
+            del buf[:end]
+            self.frames += taken
         if not buf or (buf.startswith(MARKER) and len(buf) <= MAX_FRAME + 1
                        and buf.find(b"\n") < 0 and buf.find(b"@", 1) < 0):
-            return rows, None  # nothing, or the start of the next frame: _feed would wait too
-        return rows, self._guarded(b"", out=[], compact=True)
+            return None  # nothing, or the start of the next frame: _feed would wait too
+        return self._guarded(b"", out=[], compact=True)
 
     def _guarded(self, data: bytes, out: list, compact: bool) -> list:
         try:

@@ -26,6 +26,9 @@ where the C extension could not be built.
 each node's port delivers for a while (readings, hellos, events, boot text, as the
 firmware writes them), then replay the recordings through the same measurements.
 
+--gateway: every node's frames arrive interleaved on ONE port, as a mesh gateway relays
+them (docs/mesh.md), instead of one port per node.
+
 --keyed: every frame carries an HMAC tag (docs/security.md) and the collector verifies
 it (HostAuth), as `canopy monitor --master-key` does; the stored rows are the same.
 """
@@ -221,6 +224,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval (default: Python's 0.005 s)")
     ap.add_argument("--keyed", action="store_true", help="tagged frames, verified by the collector")
+    ap.add_argument("--gateway", action="store_true", help="all nodes interleaved on one port (a mesh gateway)")
     ap.add_argument("--from-sim", type=float, metavar="SECONDS",
                     help="record this long from --nodes real virtual nodes (canopy sim) and replay that")
     args = ap.parse_args()
@@ -242,34 +246,39 @@ def main() -> None:
                   f"in {time.monotonic() - t0:.0f} s")
     else:
         streams = make_streams(args.nodes, args.frames_per_node, args.seed, master)
+    if args.gateway:  # one port: the nodes' lines round-robin, each node's in order
+        per_node = [s.splitlines(keepends=True) for s in streams]
+        streams = [b"".join(line for group in zip(*per_node) for line in group)]
+    nports = len(streams)
     chunks = chunked(streams, args.chunk)
-    rows = identical_rows(chunks, args.nodes, master)
+    rows = identical_rows(chunks, nports, master)
     total = len(rows)
     if not args.from_sim:
         assert total == args.nodes * args.frames_per_node
     mean_len = sum(map(len, streams)) / max(total, 1)
     batch = 5000
     best: dict[str, float] = {}
-    compiled = protocol.scan_readings
+    compiled, compiled_gw = protocol.scan_readings, protocol.scan_gateway
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeat):
             for name in ("raw", "rowwise", "pipeline", "track", "twin"):
                 db = Path(tmp) / f"{name}{r}.db"
                 protocol.scan_readings = protocol.scan_readings_py if name == "twin" else compiled
+                protocol.scan_gateway = protocol.scan_gateway_py if name == "twin" else compiled_gw
                 if name == "raw":
                     el = run_raw(rows, db, batch)
                 elif name == "rowwise":
                     el = run_raw_rowwise(rows, db, batch)
                 elif name in ("pipeline", "twin"):
-                    el, n = run_pipeline(chunks, args.nodes, db, batch, master, Path(tmp) / f"c{r}.json")
+                    el, n = run_pipeline(chunks, nports, db, batch, master, Path(tmp) / f"c{r}.json")
                     assert n == total, n
                     stored = sqlite3.connect(db).execute("SELECT COUNT(*) FROM frames").fetchone()[0]
                     assert stored == total, stored
                 else:
-                    el, n = run_pipeline(chunks, args.nodes, None, batch, master, Path(tmp) / f"c{r}.json")
+                    el, n = run_pipeline(chunks, nports, None, batch, master, Path(tmp) / f"c{r}.json")
                     assert n == total
                 best[name] = min(best.get(name, float("inf")), el)
-    protocol.scan_readings = compiled
+    protocol.scan_readings, protocol.scan_gateway = compiled, compiled_gw
     rate = {k: total / v for k, v in best.items()}
     us = {k: v / total * 1e6 for k, v in best.items()}
     what = (f"{args.nodes} virtual nodes recorded for {args.from_sim:g} s: {total} frames "
@@ -277,7 +286,8 @@ def main() -> None:
             if args.from_sim else
             f"{args.nodes} nodes x {args.frames_per_node} reading frames = {total} frames ({mean_len:.0f} B each)")
     print(f"ingest: {what}, {args.chunk}-byte reads, one core, best of {args.repeat}, "
-          f"switch interval {sys.getswitchinterval() * 1000:g} ms{', tagged + verified' if args.keyed else ''}")
+          f"switch interval {sys.getswitchinterval() * 1000:g} ms{', tagged + verified' if args.keyed else ''}"
+          f"{', one gateway port' if args.gateway else ''}")
     print(f"  run scanner: {protocol.FAST_SCAN}"
           + ("" if protocol.FAST_SCAN == "compiled" else " (the C extension is not built: both pipelines are Python)"))
     print(f"  raw SQLite inserts (identical rows)   : {rate['raw']:>10,.0f} frames/s  {us['raw']:5.1f} us/frame")
