@@ -126,88 +126,149 @@ append_new(PyObject *list, PyObject *item)
     return err;
 }
 
+/* What a scan returns: the rows, and for tagged scans each line's end, signed part and tag. */
+typedef struct {
+    PyObject *head; /* borrowed: the tuple every row starts with */
+    int tagged;
+    PyObject *rows, *ends, *bodies, *tags;
+} Out;
+
+static int
+out_init(Out *o, PyObject *head, int tagged)
+{
+    o->head = head;
+    o->tagged = tagged;
+    o->rows = PyList_New(0);
+    o->ends = tagged ? PyList_New(0) : NULL;
+    o->bodies = tagged ? PyList_New(0) : NULL;
+    o->tags = tagged ? PyList_New(0) : NULL;
+    return (o->rows == NULL || (tagged && (o->ends == NULL || o->bodies == NULL || o->tags == NULL))) ? -1 : 0;
+}
+
+static void
+out_clear(Out *o)
+{
+    Py_CLEAR(o->rows);
+    Py_CLEAR(o->ends);
+    Py_CLEAR(o->bodies);
+    Py_CLEAR(o->tags);
+}
+
+/* (rows, end) or (rows, ends, bodies, tags); the lists move into the result. */
+static PyObject *
+out_result(Out *o, Py_ssize_t pos)
+{
+    PyObject *r = o->tagged ? Py_BuildValue("(NNNN)", o->rows, o->ends, o->bodies, o->tags)
+                            : Py_BuildValue("(Nn)", o->rows, pos);
+    o->rows = o->ends = o->bodies = o->tags = NULL;
+    return r;
+}
+
+/* One taken line: head + (node, boot, seq, *vals), plus its end, signed part and tag.
+ * Steals `node`; borrows `boot_obj`. */
+static int
+out_add(Out *o, PyObject *node, PyObject *boot_obj, long long seq, const long long *vals,
+        const unsigned char *line, Py_ssize_t mac_len, Py_ssize_t next, const unsigned char *tag)
+{
+    Py_ssize_t nhead = PyTuple_GET_SIZE(o->head);
+    PyObject *row = PyTuple_New(nhead + 3 + N_VALUES);
+    if (row == NULL) {
+        Py_DECREF(node);
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < nhead; k++) {
+        PyObject *h = PyTuple_GET_ITEM(o->head, k);
+        Py_INCREF(h);
+        PyTuple_SET_ITEM(row, k, h);
+    }
+    PyTuple_SET_ITEM(row, nhead, node);
+    Py_INCREF(boot_obj);
+    PyTuple_SET_ITEM(row, nhead + 1, boot_obj);
+    for (int k = -1; k < N_VALUES; k++) {
+        PyObject *x = PyLong_FromLongLong(k < 0 ? seq : vals[k]);
+        if (x == NULL) {
+            Py_DECREF(row);
+            return -1;
+        }
+        PyTuple_SET_ITEM(row, nhead + 3 + k, x);
+    }
+    if (append_new(o->rows, row) < 0) return -1;
+    if (o->tagged
+        && (append_new(o->ends, PyLong_FromSsize_t(next)) < 0
+            || append_new(o->bodies, PyBytes_FromStringAndSize((const char *)line, mac_len)) < 0
+            || append_new(o->tags, PyBytes_FromStringAndSize((const char *)tag, TAG_BYTES)) < 0))
+        return -1;
+    return 0;
+}
+
+/* The arguments both scanners share: the buffer, the start offset and, optionally, tagged. */
+static int
+scan_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t fixed, const char *usage, Py_buffer *view,
+          Py_ssize_t *pos, int *tagged)
+{
+    if (nargs != fixed && nargs != fixed + 1) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if (!PyTuple_Check(args[fixed - 1])) {
+        PyErr_Format(PyExc_TypeError, "%s: head must be a tuple", usage);
+        return -1;
+    }
+    *tagged = nargs > fixed ? PyObject_IsTrue(args[fixed]) : 0;
+    if (*tagged < 0) return -1;
+    *pos = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred()) return -1;
+    if (PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE) < 0) return -1;
+    if (*pos < 0 || *pos > view->len) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "%s: pos out of range", usage);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 scan_readings(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6 && nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "scan_readings(buf, pos, node, boot, seq, head[, tagged])");
+    static const char usage[] = "scan_readings(buf, pos, node, boot, seq, head[, tagged])";
+    if (nargs >= 3 && !PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "scan_readings: node must be str");
         return NULL;
     }
-    PyObject *node = args[2], *head = args[5];
-    if (!PyUnicode_Check(node) || !PyTuple_Check(head)) {
-        PyErr_SetString(PyExc_TypeError, "scan_readings: node must be str and head a tuple");
+    Py_buffer view;
+    Py_ssize_t pos;
+    int tagged;
+    if (nargs < 6 || nargs > 7) {
+        PyErr_SetString(PyExc_TypeError, usage);
         return NULL;
     }
-    int tagged = nargs == 7 ? PyObject_IsTrue(args[6]) : 0;
-    if (tagged < 0) return NULL;
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     long long boot = PyLong_AsLongLong(args[3]);
     long long seq = PyLong_AsLongLong(args[4]);
     if (PyErr_Occurred()) return NULL;
+    PyObject *node = args[2];
     Py_ssize_t node_len;
     const char *node_s = PyUnicode_AsUTF8AndSize(node, &node_len);
-    if (node_s == NULL) return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
-    const unsigned char *b = (const unsigned char *)view.buf;
-    Py_ssize_t n = view.len;
-    Py_ssize_t nhead = PyTuple_GET_SIZE(head);
-    PyObject *rows = PyList_New(0);
-    PyObject *ends = tagged ? PyList_New(0) : NULL;
-    PyObject *bodies = tagged ? PyList_New(0) : NULL;
-    PyObject *tags = tagged ? PyList_New(0) : NULL;
+    if (node_s == NULL || scan_args(args, nargs, 6, usage, &view, &pos, &tagged) < 0) return NULL;
+    Out out = {NULL, 0, NULL, NULL, NULL, NULL};
     PyObject *boot_obj = PyLong_FromLongLong(boot);
-    if (rows == NULL || boot_obj == NULL || (tagged && (ends == NULL || bodies == NULL || tags == NULL))) goto fail;
-    if (pos < 0 || pos > n) {
-        PyErr_SetString(PyExc_ValueError, "scan_readings: pos out of range");
-        goto fail;
-    }
+    if (boot_obj == NULL || out_init(&out, args[5], tagged) < 0) goto fail;
+    const unsigned char *b = (const unsigned char *)view.buf;
     long long vals[N_VALUES];
     unsigned char tag[TAG_BYTES];
-    Py_ssize_t mac_end = 0;
-    for (;;) {
-        Py_ssize_t next = match_reading(b, n, pos, node_s, node_len, boot, seq, vals, tagged, &mac_end, tag);
-        if (next < 0) break;
-        PyObject *row = PyTuple_New(nhead + 3 + N_VALUES);
-        if (row == NULL) goto fail;
-        for (Py_ssize_t k = 0; k < nhead; k++) {
-            PyObject *h = PyTuple_GET_ITEM(head, k);
-            Py_INCREF(h);
-            PyTuple_SET_ITEM(row, k, h);
-        }
+    Py_ssize_t mac_end = 0, next;
+    while ((next = match_reading(b, view.len, pos, node_s, node_len, boot, seq, vals, tagged, &mac_end, tag)) >= 0) {
         Py_INCREF(node);
-        PyTuple_SET_ITEM(row, nhead, node);
-        Py_INCREF(boot_obj);
-        PyTuple_SET_ITEM(row, nhead + 1, boot_obj);
-        for (int k = -1; k < N_VALUES; k++) {
-            PyObject *x = PyLong_FromLongLong(k < 0 ? seq : vals[k]);
-            if (x == NULL) {
-                Py_DECREF(row);
-                goto fail;
-            }
-            PyTuple_SET_ITEM(row, nhead + 3 + k, x);
-        }
-        if (append_new(rows, row) < 0) goto fail;
-        if (tagged) {
-            if (append_new(ends, PyLong_FromSsize_t(next)) < 0
-                || append_new(bodies, PyBytes_FromStringAndSize((const char *)b + pos, mac_end - pos)) < 0
-                || append_new(tags, PyBytes_FromStringAndSize((const char *)tag, TAG_BYTES)) < 0)
-                goto fail;
-        }
+        if (out_add(&out, node, boot_obj, seq, vals, b + pos, mac_end - pos, next, tag) < 0) goto fail;
         pos = next;
         seq++;
     }
     PyBuffer_Release(&view);
     Py_DECREF(boot_obj);
-    if (tagged) return Py_BuildValue("(NNNN)", rows, ends, bodies, tags);
-    return Py_BuildValue("(Nn)", rows, pos);
+    return out_result(&out, pos);
 fail:
     PyBuffer_Release(&view);
-    Py_XDECREF(rows);
-    Py_XDECREF(ends);
-    Py_XDECREF(bodies);
-    Py_XDECREF(tags);
     Py_XDECREF(boot_obj);
+    out_clear(&out);
     return NULL;
 }
 
@@ -219,101 +280,62 @@ fail:
 static PyObject *
 scan_gateway(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4 && nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "scan_gateway(buf, pos, expect, head[, tagged])");
+    static const char usage[] = "scan_gateway(buf, pos, expect, head[, tagged])";
+    if (nargs >= 3 && !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "scan_gateway: expect must be a dict");
         return NULL;
     }
-    PyObject *expect = args[2], *head = args[3];
-    if (!PyDict_Check(expect) || !PyTuple_Check(head)) {
-        PyErr_SetString(PyExc_TypeError, "scan_gateway: expect must be a dict and head a tuple");
-        return NULL;
-    }
-    int tagged = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
-    if (tagged < 0) return NULL;
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
-    if (PyErr_Occurred()) return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    Py_ssize_t pos;
+    int tagged;
+    if (scan_args(args, nargs, 4, usage, &view, &pos, &tagged) < 0) return NULL;
+    PyObject *expect = args[2];
+    Out out = {NULL, 0, NULL, NULL, NULL, NULL};
+    if (out_init(&out, args[3], tagged) < 0) goto fail;
     const unsigned char *b = (const unsigned char *)view.buf;
     Py_ssize_t n = view.len;
-    Py_ssize_t nhead = PyTuple_GET_SIZE(head);
-    PyObject *rows = PyList_New(0);
-    PyObject *ends = tagged ? PyList_New(0) : NULL;
-    PyObject *bodies = tagged ? PyList_New(0) : NULL;
-    PyObject *tags = tagged ? PyList_New(0) : NULL;
-    PyObject *node = NULL;
-    if (rows == NULL || (tagged && (ends == NULL || bodies == NULL || tags == NULL))) goto fail;
-    if (pos < 0 || pos > n) {
-        PyErr_SetString(PyExc_ValueError, "scan_gateway: pos out of range");
-        goto fail;
-    }
     long long vals[N_VALUES];
     unsigned char tag[TAG_BYTES];
     Py_ssize_t mac_end = 0;
     for (;;) {
-        /* the node id token after "@CNP1 ", then its expectation */
+        /* the node id token after "@CNP1 ", then what is expected of that node */
         if (n - pos < 6 || memcmp(b + pos, "@CNP1 ", 6) != 0) break;
         Py_ssize_t q = pos + 6, len = 0;
         while (len <= 16 && q + len < n && b[q + len] != ' ') len++;
         if (len == 0 || len > 16 || q + len >= n) break;
-        node = PyUnicode_DecodeLatin1((const char *)b + q, len, NULL);
+        PyObject *node = PyUnicode_DecodeLatin1((const char *)b + q, len, NULL);
         if (node == NULL) goto fail;
         PyObject *want = PyDict_GetItemWithError(expect, node); /* borrowed */
-        if (want == NULL) {
+        if (want == NULL || !PyList_Check(want) || PyList_GET_SIZE(want) != 2) {
+            Py_DECREF(node);
             if (PyErr_Occurred()) goto fail;
-            break;
-        }
-        if (!PyList_Check(want) || PyList_GET_SIZE(want) != 2) {
+            if (want == NULL) break;
             PyErr_SetString(PyExc_TypeError, "scan_gateway: expect values must be [boot, next_seq] lists");
             goto fail;
         }
-        long long boot = PyLong_AsLongLong(PyList_GET_ITEM(want, 0));
-        long long seq = PyLong_AsLongLong(PyList_GET_ITEM(want, 1));
-        if (PyErr_Occurred()) goto fail;
-        Py_ssize_t next = match_reading(b, n, pos, (const char *)b + q, len, boot, seq, vals, tagged, &mac_end, tag);
-        if (next < 0) break;
-        PyObject *row = PyTuple_New(nhead + 3 + N_VALUES);
-        if (row == NULL) goto fail;
-        for (Py_ssize_t k = 0; k < nhead; k++) {
-            PyObject *h = PyTuple_GET_ITEM(head, k);
-            Py_INCREF(h);
-            PyTuple_SET_ITEM(row, k, h);
-        }
-        PyTuple_SET_ITEM(row, nhead, node); /* the row takes our reference */
-        node = NULL;
         PyObject *boot_obj = PyList_GET_ITEM(want, 0);
-        Py_INCREF(boot_obj);
-        PyTuple_SET_ITEM(row, nhead + 1, boot_obj);
-        for (int k = -1; k < N_VALUES; k++) {
-            PyObject *x = PyLong_FromLongLong(k < 0 ? seq : vals[k]);
-            if (x == NULL) {
-                Py_DECREF(row);
-                goto fail;
-            }
-            PyTuple_SET_ITEM(row, nhead + 3 + k, x);
+        long long boot = PyLong_AsLongLong(boot_obj);
+        long long seq = PyLong_AsLongLong(PyList_GET_ITEM(want, 1));
+        Py_ssize_t next = -1;
+        if (!PyErr_Occurred())
+            next = match_reading(b, n, pos, (const char *)b + q, len, boot, seq, vals, tagged, &mac_end, tag);
+        if (next < 0) {
+            Py_DECREF(node);
+            if (PyErr_Occurred()) goto fail;
+            break;
         }
-        if (append_new(rows, row) < 0) goto fail;
-        PyObject *next_seq = PyLong_FromLongLong(seq + 1);
+        Py_INCREF(boot_obj); /* the list's item may be replaced below */
+        int err = out_add(&out, node, boot_obj, seq, vals, b + pos, mac_end - pos, next, tag);
+        Py_DECREF(boot_obj);
+        PyObject *next_seq = err < 0 ? NULL : PyLong_FromLongLong(seq + 1);
         if (next_seq == NULL || PyList_SetItem(want, 1, next_seq) < 0) goto fail;
-        if (tagged) {
-            if (append_new(ends, PyLong_FromSsize_t(next)) < 0
-                || append_new(bodies, PyBytes_FromStringAndSize((const char *)b + pos, mac_end - pos)) < 0
-                || append_new(tags, PyBytes_FromStringAndSize((const char *)tag, TAG_BYTES)) < 0)
-                goto fail;
-        }
         pos = next;
     }
-    Py_XDECREF(node);
     PyBuffer_Release(&view);
-    if (tagged) return Py_BuildValue("(NNNN)", rows, ends, bodies, tags);
-    return Py_BuildValue("(Nn)", rows, pos);
+    return out_result(&out, pos);
 fail:
-    Py_XDECREF(node);
     PyBuffer_Release(&view);
-    Py_XDECREF(rows);
-    Py_XDECREF(ends);
-    Py_XDECREF(bodies);
-    Py_XDECREF(tags);
+    out_clear(&out);
     return NULL;
 }
 
