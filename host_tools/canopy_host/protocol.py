@@ -305,19 +305,8 @@ class FrameParser:
         tagged; verify(node, boot, seq, bodies, tags) says how many of them, from the
         first, are authentic and fresh, and the run ends before the first that is not
         (the general path then gives it as a frame, for the caller to reject)."""
-        buf = self._buf
-        buf += data
-        rows: list[tuple] = []
-        end = 0
-        if not self._skip and buf.startswith(MARKER):
-            if verify is None:
-                rows, end = scan_readings(buf, 0, node, boot, seq, head)
-            else:
-                rows, ends, bodies, tags = scan_readings(buf, 0, node, boot, seq, head, True)
-                good = verify(node, boot, seq, bodies, tags) if rows else 0
-                del rows[good:]
-                end = ends[good - 1] if good else 0
-        return rows, self._after_run(len(rows), end)
+        return self._scan_front(data, lambda tagged: scan_readings(self._buf, 0, node, boot, seq, head, tagged),
+                                verify, len(head))
 
     def feed_gateway(self, data: bytes, expect: dict[str, list[int]], head: tuple,
                      verify: Callable[[str, int, int, list[bytes], list[bytes]], int] | None = None,
@@ -326,16 +315,24 @@ class FrameParser:
         takes every node of `expect` (node -> [boot, next seq], advanced in place for
         the frames taken; see scan_gateway). With `verify`, each stretch of one node's
         frames is verified in order and the run ends before the first frame that fails."""
+        return self._scan_front(data, lambda tagged: scan_gateway(self._buf, 0, expect, head, tagged),
+                                verify, len(head), expect)
+
+    def _scan_front(self, data: bytes, scan: Callable[[bool], tuple],
+                    verify: Callable[[str, int, int, list[bytes], list[bytes]], int] | None, h: int,
+                    expect: dict[str, list[int]] | None = None) -> tuple[list[tuple], list[Frame | tuple] | None]:
+        """Buffer `data`, take the run at the front with `scan` (rows carry node, boot and
+        seq at h, h+1, h+2), verified stretch by stretch of one node when `verify` is
+        given; frames not taken are expected again (`expect`)."""
         buf = self._buf
         buf += data
         rows: list[tuple] = []
         end = 0
         if not self._skip and buf.startswith(MARKER):
             if verify is None:
-                rows, end = scan_gateway(buf, 0, expect, head)
+                rows, end = scan(False)
             else:
-                rows, ends, bodies, tags = scan_gateway(buf, 0, expect, head, True)
-                h = len(head)  # where a row's node, boot and seq are
+                rows, ends, bodies, tags = scan(True)
                 good = i = 0
                 while i < len(rows):
                     node, boot, seq = rows[i][h:h + 3]
@@ -347,8 +344,9 @@ class FrameParser:
                     if k < j - i:
                         break
                     i = j
-                for row in reversed(rows[good:]):  # frames not taken: their nodes expect them again
-                    expect[row[h]][1] = row[h + 2]
+                if expect is not None:
+                    for row in reversed(rows[good:]):
+                        expect[row[h]][1] = row[h + 2]
                 del rows[good:]
                 end = ends[good - 1] if good else 0
         return rows, self._after_run(len(rows), end)
